@@ -1,0 +1,166 @@
+"""The public plugin protocols: what a model, dataset, defense or attack plugin provides.
+
+A plugin is a class registered under an entry point in one of the groups of harness.registry. The harness
+validates the spec's `options` for it against its `options_schema` (a JSON Schema object) and then calls
+`Plugin(**options)` (defenses and attacks also get `eps`). Subclassing the bases below is convenient, not
+required: anything with the same attributes works.
+
+Units: perturbation sizes in specs and reports are on the paper's 0-255 scale (8 means 8/255). The harness
+hands plugins `eps` already divided by SCALE; options a plugin declares on the 0-255 scale (step sizes) it
+converts with `to_unit`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+SCALE = 255.0
+
+
+def to_unit(value_0_255: float) -> float:
+    """A perturbation size on the paper's 0-255 scale, as a distance between images in [0, 1]."""
+    return float(value_0_255) / SCALE
+
+
+def empty_schema() -> dict:
+    return {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+class Plugin:
+    """Common base: a JSON-Schema for the options, a one-line summary (the class docstring's first line)."""
+
+    options_schema: ClassVar[dict] = empty_schema()
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class Split:
+    """Images (N, C, H, W), uint8 in [0, 255] or float in [0, 1], and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, n: int | None, seed: int) -> "Split":
+        """A fixed, seeded random subset of n samples (all of them when n is None or >= len)."""
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return Split(self.images[idx], self.labels[idx])
+
+
+Transform = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+
+
+@dataclass
+class DataSplits:
+    """What a dataset plugin returns.
+
+    `augment` (training only) and `eval_transform` (train-loss, test-loss and attacks) take a float batch in
+    [0, 1] on the compute device and return a float batch of `input_shape`; both are batched so that they can run
+    on the GPU beside a device-resident dataset. None means identity.
+    """
+
+    train: Split
+    test: Split
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    augment: Transform | None = None
+    eval_transform: Transform | None = None
+    source: str = ""  # where the data came from, for the report
+    stand_in: bool = False  # True for synthetic data standing in for a real dataset (smoke runs)
+    notes: list[str] = field(default_factory=list)
+
+
+class DatasetPlugin(Plugin):
+    def load(self, root: str | None, download: bool) -> DataSplits:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+class ModelPlugin(Plugin):
+    """Builds an nn.Module whose input is an image batch in [0, 1]; normalization, if any, is a layer inside."""
+
+    def build(self, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:  # pragma: no cover
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------- defenses
+
+
+class DefensePlugin(Plugin):
+    """Turns a training batch into the training loss, at a defensive strength `eps` (in [0, 1] units).
+
+    The model is in train mode when `loss` is called; the harness calls backward on the result. To compute an
+    adversary inside `loss`, wrap the attack in `adversary_mode(model)`.
+    """
+
+    def __init__(self, eps: float, **options):
+        self.eps = float(eps)
+        self.options = options
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------- attacks
+
+
+class AttackPlugin(Plugin):
+    """Returns adversarial images for a batch within the Linf ball of radius `eps` (in [0, 1] units).
+
+    The harness calls `perturb` inside `adversary_mode(model)` and checks every result itself: inside the
+    eps-ball, inside [0, 1], finite. An attack that breaks this contract fails the evaluation by name.
+    """
+
+    def __init__(self, eps: float, **options):
+        self.eps = float(eps)
+        self.options = options
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------- adversary policy
+
+ADVERSARY_POLICY = (
+    "while an adversary is computed: parameters frozen (requires_grad=False, so .grad stays clean), "
+    "model in eval mode (batch-norm running statistics, no spectral-norm power iteration), and "
+    "parametrized weights computed once per batch (torch.nn.utils.parametrize.cached)"
+)
+
+
+@contextmanager
+def adversary_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Freeze the model while an adversary is computed, then restore it exactly.
+
+    Libraries' attacks call `loss.backward()`, which would also fill the parameters' .grad; frozen parameters
+    keep it clean and skip the weight-gradient work. Eval mode stops the spectral-norm power iteration (it
+    advances only in training mode: one iteration per training step, as in Miyato et al.) and keeps batch-norm
+    statistics from being updated by intermediate adversaries (advertorch's own `ctx_noparamgrad_and_eval`
+    does the same). `parametrize.cached()` computes each normalized weight once for all attack steps.
+    """
+    was_training = model.training
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        with parametrize.cached():
+            yield model
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)

@@ -1,0 +1,83 @@
+"""Reports: the JSON document of a run (validated against schemas/report.schema.json, written atomically) and
+its rendering in the layout of the paper's Tables 1-2: a block per model, rows Acc. / GE / PGD, a column per
+defensive strength.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from rich.console import Console
+from rich.table import Table
+
+from harness.spec import load_schema
+
+REPORT_SCHEMA = load_schema("report.schema.json")
+
+
+def validate_report(report: dict) -> None:
+    errors = sorted(Draft202012Validator(REPORT_SCHEMA).iter_errors(report), key=lambda e: e.json_path)
+    if errors:
+        raise ValueError("report does not match its schema:\n  " +
+                         "\n  ".join(f"{e.json_path}: {e.message}" for e in errors))
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write to a temporary file in the same folder and rename it into place: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(document, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt_strength(s: float) -> str:
+    return f"{s:.1f}" if s != int(s) else f"{int(s)}"
+
+
+def render_table(report: dict, console: Console) -> None:
+    """Print the paper's table layout for the report's cells."""
+    spec = report["spec"]
+    strengths = sorted({c["strength"] for c in report["cells"]})
+    title = f"{spec['name']}: {spec['dataset']['name']}, defense {spec['defense']['name']}"
+    if report.get("smoke"):
+        title += "  [SMOKE RUN: not a result]"
+    table = Table(title=title, title_justify="left")
+    table.add_column("model")
+    table.add_column("")
+    for s in strengths:
+        table.add_column(_fmt_strength(s), justify="right")
+    by_model: dict[str, dict[float, dict]] = {}
+    for cell in report["cells"]:
+        by_model.setdefault(cell["model"], {})[cell["strength"]] = cell
+    rows = [("Acc.", "clean_acc", "{:.2f}"), ("GE", "ge", "{:.4f}"), ("PGD", "pgd_acc", "{:.2f}")]
+    for model, cells in by_model.items():
+        lines = []
+        for row_name, key, fmt in rows:
+            values = []
+            for s in strengths:
+                cell = cells.get(s)
+                if cell is None:
+                    values.append("")
+                elif cell["status"] != "done":
+                    values.append("[red]failed[/red]")
+                else:
+                    value = cell["metrics"].get(key)
+                    values.append("—" if value is None else fmt.format(value))
+            lines.append((row_name, values))
+        for i, (row_name, values) in enumerate(lines):
+            table.add_row(model if i == 0 else "", row_name, *values, end_section=(i == len(lines) - 1))
+    console.print(table)
+    console.print("columns: defensive strength on the 0-255 scale; Acc. and PGD in %; GE = test loss - train loss")

@@ -1,0 +1,198 @@
+"""Load a JSON spec, validate it completely, and resolve its defaults.
+
+Validation is jsonschema (draft 2020-12) against harness/schemas/spec.schema.json plus, for every plugin the
+spec names, that plugin's own `options_schema`. Every problem is collected and reported at once, each with its
+JSON path (`$.defense.strengths[2]: -4 is less than the minimum of 0`); only the plugins the spec names are
+imported.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+from harness import registry
+from harness.errors import BadInput
+
+# Where each plugin sits in a spec: (kind, path to the plugin's object, as a list of keys / indices).
+PluginSite = tuple[str, list[Any]]
+
+
+def load_schema(name: str) -> dict:
+    return json.loads(resources.files("harness").joinpath("schemas", name).read_text())
+
+
+SPEC_SCHEMA = load_schema("spec.schema.json")
+
+
+def json_path(parts: Iterable[Any]) -> str:
+    out = "$"
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def read_json(path: str | Path, what: str = "spec") -> Any:
+    """Parse a JSON file; any problem (missing, unreadable, not JSON) is a BadInput naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{what} file not found: {path}", fix="check the path (the shipped specs are in specs/)")
+    if path.is_dir():
+        raise BadInput(f"{what} path is a folder, not a file: {path}", fix="give the path of a .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{what} file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                       fix="save it as UTF-8 JSON") from exc
+    except OSError as exc:
+        raise BadInput(f"cannot read {what} file {path}: {exc.strerror or exc}",
+                       fix="check the file's permissions") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{what} file {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+                       fix="correct the JSON syntax at that position") from exc
+
+
+def _closest_branch(error: ValidationError) -> list[ValidationError]:
+    """For a failed oneOf/anyOf, the errors of the branch the instance meant: not one whose `type` const failed,
+    and of those the one with fewest errors (jsonschema's best_match alone picks by depth, often the wrong one)."""
+    branches: dict[Any, list[ValidationError]] = {}
+    for sub in error.context:
+        branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+    meant = [errs for errs in branches.values() if not any(e.validator in ("const", "enum") for e in errs)]
+    return min(meant, key=len) if meant else [best_match(error.context)]
+
+
+def _describe(error: ValidationError, prefix: str = "$") -> str:
+    if error.context:  # oneOf / anyOf: point into the branch that was meant, not at the whole alternative
+        return "\n  ".join(_describe(sub, prefix) for sub in _closest_branch(error))
+    path = prefix + error.json_path[1:]
+    message = error.message
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(error.schema.get("properties", {}))
+        extras = [k for k in error.instance if k not in allowed]
+        hints = []
+        for key in extras:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hints.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        message = "; ".join(hints) + (f". Allowed keys: {', '.join(allowed)}" if allowed else ". No keys are allowed here")
+    return f"{path}: {message}"
+
+
+def schema_errors(instance: Any, schema: dict, prefix: str = "$") -> list[str]:
+    validator = Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    return [_describe(e, prefix) for e in errors]
+
+
+def plugin_sites(spec: dict) -> list[PluginSite]:
+    sites: list[PluginSite] = [("dataset", ["dataset"])]
+    sites += [("model", ["models", i]) for i in range(len(spec.get("models") or []))]
+    sites.append(("defense", ["defense"]))
+    attacks = (spec.get("evaluation") or {}).get("attacks") or []
+    sites += [("attack", ["evaluation", "attacks", i]) for i in range(len(attacks))]
+    return sites
+
+
+def _get(spec: Any, keys: list[Any]) -> Any:
+    for key in keys:
+        try:
+            spec = spec[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return spec
+
+
+def fill_defaults(instance: Any, schema: dict) -> Any:
+    """Fill the `default` of every absent property, recursively through objects and arrays."""
+    if isinstance(instance, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            if key in instance:
+                fill_defaults(instance[key], sub)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            fill_defaults(item, schema["items"])
+    return instance
+
+
+def validate(spec: Any) -> dict:
+    """Validate a parsed spec completely; return it resolved (defaults filled) or raise one BadInput listing all errors."""
+    errors = schema_errors(spec, SPEC_SCHEMA)
+    if not isinstance(spec, dict):
+        raise BadInput("spec is not valid:\n  " + "\n  ".join(errors), fix="the spec must be a JSON object")
+    for kind, keys in plugin_sites(spec):
+        site = _get(spec, keys)
+        name = site.get("name") if isinstance(site, dict) else None
+        if not isinstance(name, str):
+            continue  # the core schema already reported it
+        where = json_path(keys)
+        try:
+            plugin = registry.load(kind, name)
+        except BadInput as exc:
+            errors.append(f"{where}.name: {exc.message}")
+            continue
+        schema = getattr(plugin, "options_schema", None)
+        if not isinstance(schema, dict):
+            errors.append(f"{where}: {kind} plugin {name!r} declares no options_schema (a JSON Schema object)")
+            continue
+        options = site.get("options", {})
+        if isinstance(options, dict):
+            errors += schema_errors(options, schema, prefix=f"{where}.options")
+    for label_errors in (_duplicate_labels(spec.get("models"), "models"),
+                         _duplicate_labels((spec.get("evaluation") or {}).get("attacks"), "evaluation.attacks")):
+        errors += label_errors
+    if errors:
+        raise BadInput(
+            f"spec is not valid ({len(errors)} problem{'s' if len(errors) > 1 else ''}):\n  " + "\n  ".join(errors),
+            fix="correct each value at the JSON path shown; `harness validate SPEC` re-checks without running",
+        )
+    resolved = fill_defaults(copy.deepcopy(spec), SPEC_SCHEMA)
+    for kind, keys in plugin_sites(resolved):
+        site = _get(resolved, keys)
+        fill_defaults(site["options"], registry.load(kind, site["name"]).options_schema)
+    for model in resolved["models"]:
+        model["label"] = default_label(model)
+    for attack in resolved["evaluation"]["attacks"]:
+        attack["label"] = default_label(attack)
+    return resolved
+
+
+def default_label(item: dict) -> str:
+    """A model is labelled by its name, an attack by name@eps, unless the spec gives a label."""
+    if item.get("label"):
+        return item["label"]
+    return f"{item['name']}@{item['eps']:g}" if "eps" in item else item["name"]
+
+
+def _duplicate_labels(items: Any, where: str) -> list[str]:
+    if not isinstance(items, list):
+        return []
+    seen: dict[str, int] = {}
+    errors = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            continue
+        if "eps" in item and not isinstance(item["eps"], (int, float)):
+            continue
+        label = default_label(item)
+        if label in seen:
+            errors.append(f"$.{where}[{i}]: label {label!r} repeats $.{where}[{seen[label]}]; "
+                          "give each entry a distinct \"label\"")
+        else:
+            seen[label] = i
+    return errors
+
+
+def load(path: str | Path) -> dict:
+    """Read, validate and resolve a spec file."""
+    return validate(read_json(path, "spec"))

@@ -1,0 +1,80 @@
+"""Training of one cell: SGD with momentum, a per-epoch learning-rate schedule, the defense's loss."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from harness.data import batches, num_batches
+from harness.errors import RunFailure
+from harness.plugin import DataSplits, DefensePlugin
+
+
+class NonFiniteLoss(RunFailure):
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(
+            f"training loss became {value} at epoch {epoch}, step {step}",
+            fix="lower the learning rate or check the defense; the other cells are unaffected",
+        )
+        self.epoch, self.step = epoch, step
+
+
+def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+        weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"],
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: dict) -> torch.optim.lr_scheduler.LRScheduler:
+    kind = schedule["type"]
+    if kind == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule["milestones"], schedule["gamma"])
+    if kind == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, schedule["step_size"], schedule["gamma"])
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def train(
+    model: nn.Module,
+    defense: DefensePlugin,
+    data: DataSplits,
+    cfg: dict,
+    device: torch.device,
+    seed: int,
+    on_step: Callable[[], None] | None = None,
+) -> list[dict]:
+    """Train `model` in place for cfg['epochs'] epochs; return the per-epoch history."""
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg["schedule"])
+    order = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(1, cfg["epochs"] + 1):
+        model.train()
+        started, total, seen = time.perf_counter(), 0.0, 0
+        lr = optimizer.param_groups[0]["lr"]
+        for step, (x, y) in enumerate(batches(data.train, cfg["batch_size"], device, transform=data.augment,
+                                              generator=order, max_batches=cfg["max_batches"]), start=1):
+            loss = defense.loss(model, x, y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(epoch, step, value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += value * len(y)
+            seen += len(y)
+            if on_step is not None:
+                on_step()
+        scheduler.step()
+        history.append({"epoch": epoch, "lr": lr, "train_objective": total / max(seen, 1),
+                        "seconds": time.perf_counter() - started})
+    return history
+
+
+def steps_per_epoch(data: DataSplits, cfg: dict) -> int:
+    return num_batches(len(data.train), cfg["batch_size"], cfg["max_batches"])
