@@ -1,0 +1,49 @@
+"""Defenses `none` (plain cross-entropy) and `pgd-at` (Madry et al.'s Linf PGD adversarial training)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.compat import import_advertorch
+from harness.plugin import DefensePlugin, adversary_mode, to_unit
+
+
+class NoDefense(DefensePlugin):
+    """Plain training: cross-entropy on the clean batch, whatever the strength."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+
+class PGDAdversarialTraining(DefensePlugin):
+    """Linf PGD adversarial training through advertorch: every clean image replaced by its adversary (paper A.3)."""
+
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "steps": {"description": "PGD iterations.", "type": "integer", "minimum": 1, "default": 10},
+            "step_size": {"description": "Step size on the 0-255 scale.", "type": "number", "exclusiveMinimum": 0,
+                          "default": 2.0},
+            "random_start": {"description": "Start from a uniform random point in the eps-ball.",
+                             "type": "boolean", "default": True},
+        },
+    }
+
+    def __init__(self, eps: float, steps: int = 10, step_size: float = 2.0, random_start: bool = True):
+        super().__init__(eps)
+        self.steps, self.step_size, self.random_start = steps, to_unit(step_size), random_start
+
+    def adversary(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        attacks = import_advertorch()
+        pgd = attacks.LinfPGDAttack(model, eps=self.eps, nb_iter=self.steps, eps_iter=self.step_size,
+                                    rand_init=self.random_start, clip_min=0.0, clip_max=1.0)
+        with adversary_mode(model):
+            return pgd.perturb(x, y).detach()
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.eps == 0:  # strength 0 is plain training; an attack in a 0-ball would only waste 10 passes
+            return F.cross_entropy(model(x), y)
+        return F.cross_entropy(model(self.adversary(model, x, y)), y)
