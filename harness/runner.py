@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import harness
 from harness import registry
+from harness.analysis import analyze_cell
 from harness.errors import BadInput, RunFailure
 from harness.evaluate import evaluate
 from harness.plugin import ADVERSARY_POLICY, DataSplits, to_unit
@@ -110,12 +111,13 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     task = progress.add_task(f"evaluate {cell.id}", total=eval_batches)
     metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=lambda: progress.advance(task))
     progress.update(task, visible=False)
+    analysis = analyze_cell(model, data, spec, device)  # the paper's section 4 quantities; None when disabled
     return {
         "id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
         "defense": defense_entry["name"], "strength": cell.strength, "status": "done",
         "seconds": time.perf_counter() - started,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "history": history, "metrics": metrics,
+        "history": history, "metrics": metrics, **({"analysis": analysis} if analysis is not None else {}),
     }
 
 
