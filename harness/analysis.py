@@ -191,3 +191,50 @@ def analyze_cell(model: nn.Module, data: DataSplits, spec: dict, device: torch.d
         return None
     return analyze(model, data, resolve_options(settings, spec), spec["evaluation"]["batch_size"], device,
                    seed=spec["seed"])
+
+
+ANALYSIS_ROWS = [  # (row, getter, format)
+    ("max |ΔCE|", lambda a: a["loss_variation"]["max"], "{:.4f}"),
+    ("mean |ΔCE|", lambda a: a["loss_variation"]["mean"], "{:.4f}"),
+    ("robust %", lambda a: 100.0 * a["robust"] / a["correct"] if a["correct"] else None, "{:.2f}"),
+    ("u_min", lambda a: a["u_min"], "{:.4f}"),
+    ("median u", lambda a: a["margin_in_ball"]["median"], "{:.4f}"),
+    ("Thm 4.1 (7)", lambda a: a["bound_first_term"], "{:.4f}"),
+    ("ramp GE", lambda a: a["ramp"]["ge"], "{:.4f}"),
+    ("Π σ(W)", lambda a: a["spectral"]["product_matrix_sigma"], "{:.3g}"),
+    ("Π ‖layer‖", lambda a: a["spectral"]["product_operator_norm"], "{:.3g}"),
+]
+
+
+def render_analysis_table(report: dict, console) -> None:
+    """Print the cells' analysis in the table's layout (a block per model, a column per strength); nothing when no
+    cell has one."""
+    from rich.table import Table
+
+    cells = [c for c in report["cells"] if c.get("status") == "done" and c.get("analysis")]
+    if not cells:
+        return
+    strengths = sorted({c["strength"] for c in cells})
+    radii = sorted({c["analysis"]["eps"] for c in cells})
+    gammas = sorted({c["analysis"]["gamma"] for c in cells})
+    table = Table(title=f"analysis: L∞ ball {', '.join(f'{r:g}' for r in radii)}/255, "
+                        f"ramp γ {', '.join(f'{g:g}' for g in gammas)}", title_justify="left")
+    table.add_column("model")
+    table.add_column("")
+    for s in strengths:
+        table.add_column(f"{s:g}", justify="right")
+    by_model: dict[str, dict[float, dict]] = {}
+    for cell in cells:
+        by_model.setdefault(cell["model"], {})[cell["strength"]] = cell["analysis"]
+    for model, analyses in by_model.items():
+        for i, (row, get, fmt) in enumerate(ANALYSIS_ROWS):
+            values = []
+            for s in strengths:
+                value = get(analyses[s]) if s in analyses else None
+                values.append("—" if value is None else fmt.format(value))
+            table.add_row(model if i == 0 else "", row, *values, end_section=(i == len(ANALYSIS_ROWS) - 1))
+    console.print(table)
+    console.print("|ΔCE|: loss variation in the ball over correctly classified training samples (nats); robust %: of "
+                  "those, no misclassified point found; u: smallest margin found in a ball (logits); Thm 4.1 (7) = "
+                  "max{0, 2(1 − u_min/γ)}; Π: products over conv/linear layers of the reshaped weight's σ and of "
+                  "each layer's norm on its actual input", highlight=False)

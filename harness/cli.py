@@ -62,6 +62,7 @@ def run(spec_path: Path, out_dir: Path | None) -> None:
     report = run_spec(spec, out_dir, console)
     render_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
+    _write_figures(report, out_dir)
     failed = [c["id"] for c in report["cells"] if c["status"] != "done"]
     if failed:
         err_console.print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see report.json)",
@@ -79,6 +80,52 @@ def validate(spec_path: Path) -> None:
     spec = spec_mod.load(spec_path)
     cells = plan(spec)
     console.print(f"{spec_path}: valid. {len(cells)} cell(s): " + ", ".join(c.id for c in cells), highlight=False)
+
+
+def _write_figures(report: dict, out_dir: Path) -> None:
+    """The analysis table (when cells have an analysis) and Figures 2-4 beside the report."""
+    from harness.analysis import render_analysis_table
+    from harness.figures import write_figures
+
+    render_analysis_table(report, console)
+    paths = write_figures(report, out_dir)
+    if paths:
+        console.print("figures: " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
+
+
+@cli.command("report")
+@click.argument("paths", metavar="DIR [DIR ...]", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the figures (and, when several reports merge, the merged report.json); "
+                   "default: DIR itself for one report, reports/<spec name>-merged/ for several.")
+@click.option("--no-figures", is_flag=True, help="Only print the table.")
+def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bool) -> None:
+    """Print the table and redraw Figures 2-4 of saved reports, without recomputing anything.
+
+    Each DIR is the output folder of `harness run` (or a report.json file). The cells of several DIRs, such as
+    cells run separately, merge into one table when their specs agree; a cell present in two DIRs is taken from
+    the later one.
+    """
+    from harness import merge
+    from harness.report import render_table, write_json_atomic
+
+    report, notes = merge.load(list(paths))
+    for note in notes:
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    render_table(report, console)
+    merged = "merged_from" in report and len(report["merged_from"]) > 1
+    if out_dir is None:
+        single = paths[0] if paths[0].is_dir() else paths[0].parent
+        out_dir = Path("reports") / f"{report['spec']['name']}-merged" if merged else single
+    if merged:
+        write_json_atomic(out_dir / "report.json", report)
+        console.print(f"merged report: {out_dir / 'report.json'}", highlight=False)
+    if no_figures:
+        from harness.analysis import render_analysis_table
+
+        render_analysis_table(report, console)
+    else:
+        _write_figures(report, out_dir)
 
 
 @cli.command()

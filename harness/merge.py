@@ -1,0 +1,135 @@
+"""Reading saved reports back for `harness report`: one report, or the cells of several runs merged into one.
+
+A source is a run folder (its report.json, plus any cells/<id>.json that report.json does not hold, such as cells
+of an interrupted run) or a report file. Cells of different sources merge into one report when their specs agree
+on everything that changes a number: seed, dataset, defense (name and options), training, evaluation, analysis,
+and the name and options of every model label they share. Models and strengths are united. Where two sources
+hold a cell of the same id, the later source's cell wins and a note says so. Nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from jsonschema import Draft202012Validator
+
+from harness.errors import BadInput
+from harness.report import REPORT_SCHEMA, validate_report
+from harness.spec import read_json
+
+# The parts of a spec whose differences change a cell's numbers (models are compared label by label).
+MATTERS = ("seed", "dataset", "defense", "training", "evaluation", "analysis")
+
+_CELL_SCHEMA = dict(REPORT_SCHEMA, required=["cells"])
+
+
+def _essentials(spec: dict) -> dict:
+    out = {key: copy.deepcopy(spec.get(key)) for key in MATTERS}
+    if isinstance(out["defense"], dict):
+        out["defense"].pop("strengths", None)  # strengths are the columns: they may differ and are united
+    return out
+
+
+def _read_report(path: Path) -> dict:
+    report = read_json(path, "report")
+    try:
+        validate_report(report)
+    except ValueError as exc:
+        raise BadInput(f"{path} is not a harness report: {exc}",
+                       fix="pass a folder written by `harness run` or its report.json") from exc
+    return report
+
+
+def _read_cell(path: Path) -> dict:
+    cell = read_json(path, "cell")
+    errors = list(Draft202012Validator(_CELL_SCHEMA).iter_errors({"cells": [cell]}))
+    if errors:
+        raise BadInput(f"{path} is not a cell result of harness: {errors[0].message}",
+                       fix="remove the file from the cells/ folder or pass another folder")
+    return cell
+
+
+def _source(path: Path) -> tuple[dict | None, list[tuple[dict, str]], list[str]]:
+    """(report or None, [(cell, where it came from)], notes) of one path."""
+    if not path.exists():
+        raise BadInput(f"report folder not found: {path}", fix="pass the --out folder of `harness run` "
+                       "(default reports/<spec name>/) or a report.json file")
+    if path.is_file():
+        report = _read_report(path)
+        return report, [(c, str(path)) for c in report["cells"]], []
+    report_path, cell_paths = path / "report.json", sorted((path / "cells").glob("*.json"))
+    if not report_path.exists() and not cell_paths:
+        raise BadInput(f"{path} holds neither report.json nor cells/*.json",
+                       fix="pass the --out folder of `harness run` (default reports/<spec name>/)")
+    report = _read_report(report_path) if report_path.exists() else None
+    cells = [(c, str(report_path)) for c in report["cells"]] if report else []
+    notes = []
+    have = {c["id"] for c, _ in cells}
+    for cell_path in cell_paths:
+        cell = _read_cell(cell_path)
+        if cell["id"] in have:
+            continue  # report.json was assembled from these files
+        if report is not None and (cell["strength"] not in report["spec"]["defense"]["strengths"]
+                                   or cell["model"] not in {m.get("label") for m in report["spec"]["models"]}):
+            notes.append(f"ignored {cell_path}: cell {cell['id']} is not in the plan of {report_path} "
+                         "(left over from an earlier run into the same folder?)")
+            continue
+        cells.append((cell, str(cell_path)))
+        notes.append(f"cell {cell['id']} taken from {cell_path} (not in report.json)")
+    return report, cells, notes
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    ea, eb = _essentials(a), _essentials(b)
+    diffs = [key for key in MATTERS if key in a and key in b and ea[key] != eb[key]]
+    models_a = {m["label"]: (m["name"], m.get("options")) for m in a["models"]}
+    for m in b["models"]:
+        if m["label"] in models_a and models_a[m["label"]] != (m["name"], m.get("options")):
+            diffs.append(f"models[{m['label']}]")
+    return diffs
+
+
+def load(paths: list[Path]) -> tuple[dict, list[str]]:
+    """The merged report of `paths` (a single report is returned as it is) and notes for the user."""
+    if not paths:
+        raise BadInput("no report given", fix="harness report DIR [DIR ...]")
+    reports: list[tuple[dict, str]] = []
+    cells: dict[str, tuple[dict, str]] = {}
+    notes: list[str] = []
+    for path in paths:
+        report, source_cells, source_notes = _source(Path(path))
+        notes += source_notes
+        if report is not None:
+            reports.append((report, str(path)))
+        for cell, where in source_cells:
+            if cell["id"] in cells and cells[cell["id"]][1] != where:
+                notes.append(f"cell {cell['id']} is in {cells[cell['id']][1]} and {where}: using the later, {where}")
+            cells[cell["id"]] = (cell, where)
+    if not reports:
+        raise BadInput("none of " + ", ".join(map(str, paths)) + " holds a report.json, so no spec says what the "
+                       "cells were run with", fix="add the folder of one run of the same spec (it holds report.json)")
+    first, first_path = reports[0]
+    if len(reports) == 1 and [id(c) for c, _ in cells.values()] == [id(c) for c in first["cells"]]:
+        return first, notes  # one report, nothing added: shown exactly as saved
+    spec = copy.deepcopy(first["spec"])
+    problems = []
+    for report, where in reports[1:]:
+        diffs = _differences(spec, report["spec"])
+        if diffs:
+            problems.append(f"{where} differs from {first_path} in: {', '.join(diffs)}")
+        labels = {m["label"] for m in spec["models"]}
+        spec["models"] += [copy.deepcopy(m) for m in report["spec"]["models"] if m["label"] not in labels]
+        spec["defense"]["strengths"] = sorted(set(spec["defense"]["strengths"]) | set(report["spec"]["defense"]["strengths"]))
+    if problems:
+        raise BadInput("the reports were run with specs that differ in what changes the numbers, so their cells "
+                       "cannot share a table:\n  " + "\n  ".join(problems),
+                       fix="merge only reports of the same spec (models and strengths may differ)")
+    spec["defense"]["strengths"] = sorted(set(spec["defense"]["strengths"]) | {c["strength"] for c, _ in cells.values()})
+    order = {m["label"]: i for i, m in enumerate(spec["models"])}
+    merged_cells = sorted((c for c, _ in cells.values()), key=lambda c: (order.get(c["model"], len(order)), c["strength"]))
+    merged = {key: copy.deepcopy(value) for key, value in first.items() if key != "cells"}
+    merged.update(spec=spec, cells=merged_cells, smoke=any(r.get("smoke", False) for r, _ in reports),
+                  merged_from=list(dict.fromkeys(where for _, where in cells.values())))
+    validate_report(merged)
+    return merged, notes
