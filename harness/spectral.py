@@ -58,6 +58,21 @@ def operator_norm(module: nn.Module, input_shape: tuple[int, ...], iterations: i
     import torch
 
     param = next(module.parameters())
+    threads = torch.get_num_threads()
+    if param.device.type == "cpu":
+        # One-sample convolutions are latency-bound: on a busy CPU the thread pool's synchronization made this
+        # 50x slower with 2 threads than with 1 (measured on this project's 2-core machine).
+        torch.set_num_threads(1)
+    try:
+        return _power_iteration(module, input_shape, iterations, tol, seed, param)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _power_iteration(module: nn.Module, input_shape: tuple[int, ...], iterations: int, tol: float, seed: int,
+                     param) -> float:
+    import torch
+
     with torch.no_grad():
         offset = module(torch.zeros(input_shape, device=param.device, dtype=param.dtype))
     v = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -106,24 +121,16 @@ def layer_norms(model: nn.Module, input_shape: tuple[int, ...], device, iteratio
         for h in hooks:
             h.remove()
     layers = []
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        # Power iteration runs one-sample convolutions: latency-bound, and on a busy CPU the thread pool's
-        # synchronization made it 50x slower with 2 threads than with 1 (measured on this project's machine).
-        torch.set_num_threads(1)
-    try:
-        with adversary_mode(model):
-            for module, name in names.items():
-                if name not in shapes:  # never called in the forward pass
-                    continue
-                sigma = matrix_sigma(module)
-                is_linear = isinstance(module, nn.Linear)
-                norm = sigma if is_linear else operator_norm(module, shapes[name], iterations)
-                layers.append({"name": name, "type": type(module).__name__, "input_shape": list(shapes[name][1:]),
-                               "normalized": parametrize.is_parametrized(module, "weight"),
-                               "matrix_sigma": sigma, "operator_norm": norm})
-    finally:
-        torch.set_num_threads(threads)
+    with adversary_mode(model):
+        for module, name in names.items():
+            if name not in shapes:  # never called in the forward pass
+                continue
+            sigma = matrix_sigma(module)
+            is_linear = isinstance(module, nn.Linear)
+            norm = sigma if is_linear else operator_norm(module, shapes[name], iterations)
+            layers.append({"name": name, "type": type(module).__name__, "input_shape": list(shapes[name][1:]),
+                           "normalized": parametrize.is_parametrized(module, "weight"),
+                           "matrix_sigma": sigma, "operator_norm": norm})
     order = list(shapes)
     layers.sort(key=lambda layer: order.index(layer["name"]))
     return {"layers": layers,
