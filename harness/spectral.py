@@ -37,6 +37,9 @@ def normalized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 LINEAR_MAPS = NORMALIZED_LAYERS
 
+from contextlib import contextmanager  # noqa: E402  (kept with the functions that use it)
+from typing import Iterator  # noqa: E402
+
 
 def matrix_sigma(module: nn.Module) -> float:
     """Largest singular value (exact, by SVD) of the layer's weight as used (normalized, if it is), reshaped to
@@ -58,13 +61,21 @@ def operator_norm(module: nn.Module, input_shape: tuple[int, ...], iterations: i
     import torch
 
     param = next(module.parameters())
+    with single_thread_on_cpu(param.device):
+        return _power_iteration(module, input_shape, iterations, tol, seed, param)
+
+
+@contextmanager
+def single_thread_on_cpu(device) -> Iterator[None]:
+    """One-sample convolutions and small SVDs are latency-bound: on a busy CPU the thread pool's synchronization
+    made them up to 50x slower with 2 threads than with 1 (measured on this project's 2-core machine)."""
+    import torch
+
     threads = torch.get_num_threads()
-    if param.device.type == "cpu":
-        # One-sample convolutions are latency-bound: on a busy CPU the thread pool's synchronization made this
-        # 50x slower with 2 threads than with 1 (measured on this project's 2-core machine).
+    if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
     try:
-        return _power_iteration(module, input_shape, iterations, tol, seed, param)
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -121,7 +132,7 @@ def layer_norms(model: nn.Module, input_shape: tuple[int, ...], device, iteratio
         for h in hooks:
             h.remove()
     layers = []
-    with adversary_mode(model):
+    with adversary_mode(model), single_thread_on_cpu(device):
         for module, name in names.items():
             if name not in shapes:  # never called in the forward pass
                 continue

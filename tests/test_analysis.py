@@ -144,3 +144,23 @@ def test_lenet_layer_norms_record_shapes_and_bound_the_kernel_sigma():
     assert result["product_operator_norm"] == pytest.approx(math.prod(la["operator_norm"] for la in layers))
     assert all(p.requires_grad for p in model.parameters()) and model.training
     assert torch.get_num_threads() == 2  # restored after the single-threaded power iteration
+
+
+def test_spec_analysis_section_defaults_and_errors(tiny_spec):
+    from harness import spec as spec_mod
+    from harness.analysis import analyze_cell, resolve_options
+    from harness.errors import BadInput
+
+    resolved = spec_mod.validate(tiny_spec)
+    assert resolved["analysis"] == {"enabled": True, "eps": None, "gamma": 1.0, "max_train": 1000, "steps": 10,
+                                    "step_size": None, "power_iterations": 100}
+    options = resolve_options(resolved["analysis"], resolved)
+    assert options["eps"] == 32 and options["step_size"] == pytest.approx(8.0)  # the first attack's eps; 2.5 eps/steps
+    tiny_spec["analysis"] = {"gamma": 0, "stepz": 3}
+    with pytest.raises(BadInput) as info:
+        spec_mod.validate(tiny_spec)
+    assert "$.analysis.gamma" in info.value.message and "did you mean 'steps'" in info.value.message
+    tiny_spec["analysis"] = {"enabled": False}
+    model, x, y = linear_setup(n=8)
+    data = DataSplits(train=Split(x, y), test=Split(x, y), num_classes=2, input_shape=(1, 4, 4))
+    assert analyze_cell(model, data, spec_mod.validate(tiny_spec), torch.device("cpu")) is None
