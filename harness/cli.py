@@ -97,7 +97,7 @@ def _write_figures(report: dict, out_dir: Path) -> None:
 @click.argument("paths", metavar="DIR [DIR ...]", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for the figures (and, when several reports merge, the merged report.json); "
-                   "default: DIR itself for one report, reports/<spec name>-merged/ for several.")
+                   "default: DIR itself when nothing is merged, else reports/<spec name>-merged/.")
 @click.option("--no-figures", is_flag=True, help="Only print the table.")
 def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bool) -> None:
     """Print the table and redraw Figures 2-4 of saved reports, without recomputing anything.
@@ -109,11 +109,10 @@ def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bo
     from harness import merge
     from harness.report import render_table, write_json_atomic
 
-    report, notes = merge.load(list(paths))
+    report, notes, merged = merge.load(list(paths))
     for note in notes:
         err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     render_table(report, console)
-    merged = "merged_from" in report and len(report["merged_from"]) > 1
     if out_dir is None:
         single = paths[0] if paths[0].is_dir() else paths[0].parent
         out_dir = Path("reports") / f"{report['spec']['name']}-merged" if merged else single

@@ -90,8 +90,9 @@ def _differences(a: dict, b: dict) -> list[str]:
     return diffs
 
 
-def load(paths: list[Path]) -> tuple[dict, list[str]]:
-    """The merged report of `paths` (a single report is returned as it is) and notes for the user."""
+def load(paths: list[Path]) -> tuple[dict, list[str], bool]:
+    """The report of `paths`, notes for the user, and whether cells of several sources were merged (a single
+    report with nothing added is returned as it is)."""
     if not paths:
         raise BadInput("no report given", fix="harness report DIR [DIR ...]")
     reports: list[tuple[dict, str]] = []
@@ -111,7 +112,7 @@ def load(paths: list[Path]) -> tuple[dict, list[str]]:
                        "cells were run with", fix="add the folder of one run of the same spec (it holds report.json)")
     first, first_path = reports[0]
     if len(reports) == 1 and [id(c) for c, _ in cells.values()] == [id(c) for c in first["cells"]]:
-        return first, notes  # one report, nothing added: shown exactly as saved
+        return first, notes, False  # one report, nothing added: shown exactly as saved
     spec = copy.deepcopy(first["spec"])
     problems = []
     for report, where in reports[1:]:
@@ -132,4 +133,4 @@ def load(paths: list[Path]) -> tuple[dict, list[str]]:
     merged.update(spec=spec, cells=merged_cells, smoke=any(r.get("smoke", False) for r, _ in reports),
                   merged_from=list(dict.fromkeys(where for _, where in cells.values())))
     validate_report(merged)
-    return merged, notes
+    return merged, notes, True
