@@ -162,3 +162,25 @@ def test_unknown_timm_arch_and_variant_of_a_plain_plugin():
         registry.load("model", "nosuch:thing")
     with pytest.raises(BadInput, match="timm has no architecture 'nope'"):
         registry.load("model", "timm")(arch="nope").build(10, (3, 32, 32))
+
+
+def test_timm_variant_runs_through_a_spec(tmp_path):
+    from rich.console import Console
+
+    from harness.report import validate_report
+    from harness.runner import run
+
+    spec = spec_mod.validate({
+        "name": "timm-variant", "device": "cpu",
+        "dataset": {"name": "synthetic", "options": {"shape": [3, 16, 16], "num_classes": 4, "train_size": 16,
+                                                     "test_size": 8}},
+        "models": [{"name": "timm:resnet10t", "label": "rn10t"}],
+        "defense": {"name": "pgd-at", "strengths": [8], "options": {"steps": 1}},
+        "training": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+        "evaluation": {"batch_size": 8, "attacks": [{"name": "foolbox-pgd", "eps": 8, "options": {"steps": 1}}]},
+    })
+    report = run(spec, tmp_path, Console(quiet=True))
+    validate_report(report)
+    assert report["cells"][0]["status"] == "done" and "paper" not in report["cells"][0]
+    provenance = {(p["kind"], p["name"]): p["target"] for p in report["environment"]["plugins"]}
+    assert provenance[("model", "timm:resnet10t")] == "harness_plugins.timm_models:TimmModel"
