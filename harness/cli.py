@@ -50,16 +50,23 @@ def cli() -> None:
 @cli.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Output folder (default: reports/<spec name>/).")
-def run(spec_path: Path, out_dir: Path | None) -> None:
+              help="Output folder (default: reports/<spec name>/, or reports/<spec name>-smoke/ with --smoke).")
+@click.option("--smoke", is_flag=True,
+              help="A pipeline check, not a result: one epoch of a few batches, few attack steps, small subsets "
+                   "(the spec's \"smoke\" caps); synthetic stand-in data when the dataset is not on disk.")
+@click.option("--data-root", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder holding the datasets (overrides the spec's dataset.root).")
+def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None) -> None:
     """Train and evaluate every cell of SPEC; write report.json and print the table."""
     from harness import spec as spec_mod
     from harness.report import render_table
     from harness.runner import run as run_spec
 
     spec = spec_mod.load(spec_path)
-    out_dir = out_dir or Path("reports") / spec["name"]
-    report = run_spec(spec, out_dir, console)
+    if data_root is not None:
+        spec["dataset"]["root"] = str(data_root)
+    out_dir = out_dir or Path("reports") / (spec["name"] + ("-smoke" if smoke else ""))
+    report = run_spec(spec, out_dir, console, smoke=smoke)
     render_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
     _write_figures(report, out_dir)

@@ -30,3 +30,8 @@ class RunFailure(HarnessError):
     """A cell failed while running. Exit code 1."""
 
     exit_code = 1
+
+
+class DatasetNotFound(BadInput):
+    """A dataset plugin found no data where it looked (exit 2). Smoke runs replace such data by a stand-in when
+    the plugin offers one (`stand_in(train_size, test_size, seed)`)."""

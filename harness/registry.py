@@ -6,10 +6,16 @@ through the same groups in this project's pyproject.toml as third-party packages
 Discovery (`discover`) only reads distribution metadata; nothing is imported. `load` imports exactly one
 plugin, the first time it is asked for, and turns any failure into one BadInput naming the plugin, the
 distribution that provides it and the cause (the approach of flake8's plugin finder).
+
+Variants: entry-point names are fixed strings, so a family of plugins (every timm architecture) registers once,
+as `timm`, and declares a classmethod `variant(suffix)`. A spec may then name `timm:resnet18`: the registry
+resolves the part before the first ':' to the registered plugin and loads `plugin.variant("resnet18")`, which
+returns the plugin for that member (or raises BadInput). Discovery stays import-free: `timm` is what is listed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -74,9 +80,18 @@ def unknown_name_message(kind: str, name: str, available: list[str]) -> str:
     return f"unknown {kind} {name!r}.{hint} Available {kind}s: {listing}"
 
 
+def split_variant(name: str) -> tuple[str, str | None]:
+    """'timm:resnet18' -> ('timm', 'resnet18'); a plain name -> (name, None)."""
+    base, sep, suffix = name.partition(":")
+    return (base, suffix) if sep else (name, None)
+
+
 def resolve(kind: str, name: str) -> PluginInfo:
     """The one plugin registered under `name`, or BadInput (unknown name, or claimed by two distributions)."""
     plugins = discover(kind)
+    base, suffix = split_variant(name)
+    if name not in plugins and suffix is not None and base in plugins:
+        return dataclasses.replace(resolve(kind, base), name=name)  # a variant: provided by its base plugin
     if name not in plugins:
         raise BadInput(
             unknown_name_message(kind, name, list(plugins)),
@@ -102,6 +117,9 @@ def load(kind: str, name: str):
     if key in _LOADED:
         return _LOADED[key]
     info = resolve(kind, name)
+    base, suffix = split_variant(name)
+    if suffix is not None and name not in discover(kind):
+        return _load_variant(kind, name, base, suffix)
     try:
         plugin = _entry_point(kind, name).load()
     except Exception as exc:  # any import-time failure of third-party code is the plugin's, not ours
@@ -111,6 +129,20 @@ def load(kind: str, name: str):
             fix=f"fix or reinstall {info.distribution}, or choose another {kind}",
         ) from exc
     _LOADED[key] = plugin
+    return plugin
+
+
+def _load_variant(kind: str, name: str, base: str, suffix: str):
+    plugin = load(kind, base)
+    make = getattr(plugin, "variant", None)
+    if not callable(make):
+        raise BadInput(f"{kind} {base!r} has no variants, so {name!r} names nothing",
+                       fix=f"use {base!r} without ':{suffix}' (only plugins with a `variant` classmethod, "
+                           "such as the model `timm`, take a ':<suffix>')")
+    if not suffix:
+        raise BadInput(f"{kind} name {name!r} has an empty variant after ':'", fix=f"write {base}:<variant>")
+    plugin = make(suffix)  # may raise BadInput (an unknown variant), which reaches the user as it is
+    _LOADED[(kind, name)] = plugin
     return plugin
 
 

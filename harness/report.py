@@ -52,8 +52,9 @@ def render_table(report: dict, console: Console) -> None:
     spec = report["spec"]
     strengths = sorted({c["strength"] for c in report["cells"]})
     title = f"{spec['name']}: {spec['dataset']['name']}, defense {spec['defense']['name']}"
+    stand_in = bool((report.get("data") or {}).get("stand_in"))
     if report.get("smoke"):
-        title += "  [SMOKE RUN: not a result]"
+        title += "  [SMOKE RUN on STAND-IN synthetic data: not a result]" if stand_in else "  [SMOKE RUN: not a result]"
     table = Table(title=title, title_justify="left")
     table.add_column("model")
     table.add_column("")
@@ -63,6 +64,8 @@ def render_table(report: dict, console: Console) -> None:
     for cell in report["cells"]:
         by_model.setdefault(cell["model"], {})[cell["strength"]] = cell
     rows = [("Acc.", "clean_acc", "{:.2f}"), ("GE", "ge", "{:.4f}"), ("PGD", "pgd_acc", "{:.2f}")]
+    paper_key = {"clean_acc": "acc", "ge": "ge", "pgd_acc": "pgd"}
+    with_paper = any(c.get("paper") for c in report["cells"])
     for model, cells in by_model.items():
         lines = []
         for row_name, key, fmt in rows:
@@ -75,9 +78,17 @@ def render_table(report: dict, console: Console) -> None:
                     values.append("[red]failed[/red]")
                 else:
                     value = cell["metrics"].get(key)
-                    values.append("—" if value is None else fmt.format(value))
+                    text = "—" if value is None else fmt.format(value)
+                    if cell.get("paper"):  # the published value on a second line of the cell
+                        text += f"\n[dim]{fmt.format(cell['paper'][paper_key[key]])} (paper)[/dim]"
+                    values.append(text)
             lines.append((row_name, values))
         for i, (row_name, values) in enumerate(lines):
             table.add_row(model if i == 0 else "", row_name, *values, end_section=(i == len(lines) - 1))
     console.print(table)
     console.print("columns: defensive strength on the 0-255 scale; Acc. and PGD in %; GE = test loss - train loss")
+    if with_paper:
+        console.print("each cell: ours, and below it the paper's published value (Tables 1-2); differences in report.json")
+    if report.get("smoke"):
+        console.print(f"[bold yellow]SMOKE RUN{' on STAND-IN synthetic data' if stand_in else ''}: a pipeline check "
+                      "with capped sizes, not a result[/bold yellow]")

@@ -1,0 +1,77 @@
+"""Model `timm` (and its variants `timm:<arch>`): any timm architecture, randomly initialized, with the harness's
+spectral-norm option, so the paper's protocol runs on backbones it never tried.
+
+Name it either way in a spec:
+    {"name": "timm:resnet18"}                              (the registry's variant mechanism, harness.registry)
+    {"name": "timm", "options": {"arch": "resnet18"}}
+`timm:<arch>` is checked against timm's model list when the spec is validated; the `arch` option when the model
+is built. `kwargs` go to `timm.create_model` unchanged (e.g. {"img_size": 32} for a ViT on CIFAR). Inputs are
+images in [0, 1]; no pretrained weights are loaded (nothing is downloaded), so no input normalization is added.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+
+from torch import nn
+
+from harness.errors import BadInput
+from harness.plugin import ModelPlugin
+from harness.spectral import apply_spectral_norm
+
+
+def check_arch(arch: str) -> None:
+    import timm
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise BadInput(f"timm has no architecture {arch!r}.{hint}",
+                       fix="pick a name from timm.list_models() (python -c \"import timm; print(timm.list_models('*resnet*'))\")")
+
+
+class TimmModel(ModelPlugin):
+    """Any timm architecture by name (`timm:<arch>`), randomly initialized; optional spectral norm."""
+
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["arch"],
+        "properties": {
+            "arch": {"description": "A timm model name (timm.list_models()).", "type": "string", "minLength": 1},
+            "spectral_norm": {"description": "Spectrally normalize every convolution and linear layer.",
+                              "type": "boolean", "default": True},
+            "kwargs": {"description": "Extra keyword arguments for timm.create_model.", "type": "object",
+                       "default": {}},
+        },
+    }
+
+    def __init__(self, arch: str, spectral_norm: bool = True, kwargs: dict | None = None):
+        self.arch, self.spectral_norm, self.kwargs = arch, spectral_norm, dict(kwargs or {})
+
+    @classmethod
+    def variant(cls, arch: str) -> type["TimmModel"]:
+        """The plugin for `timm:<arch>`: this class with `arch` fixed (and no longer an option)."""
+        check_arch(arch)
+        schema = copy.deepcopy(cls.options_schema)
+        del schema["properties"]["arch"]
+        schema.pop("required")
+
+        def __init__(self, spectral_norm: bool = True, kwargs: dict | None = None):
+            cls.__init__(self, arch, spectral_norm, kwargs)
+
+        return type(f"TimmModel_{arch}", (cls,), {"options_schema": schema, "__init__": __init__,
+                                                  "__doc__": f"timm's {arch}, randomly initialized."})
+
+    def build(self, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+        import timm
+
+        check_arch(self.arch)
+        try:
+            model = timm.create_model(self.arch, pretrained=False, num_classes=num_classes,
+                                      in_chans=input_shape[0], **self.kwargs)
+        except TypeError as exc:
+            raise BadInput(f"timm.create_model({self.arch!r}) rejected the options: {exc}",
+                           fix="correct the model's \"kwargs\" option") from exc
+        return apply_spectral_norm(model) if self.spectral_norm else model
