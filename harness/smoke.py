@@ -1,7 +1,8 @@
 """Smoke mode (`harness run SPEC --smoke`): the whole pipeline of a spec in seconds, never mistakable for a result.
 
 `apply` caps a resolved spec with the spec's `smoke` settings (schema defaults: 64 training / 32 test samples,
-batches of 32, 2 batches per epoch, one epoch, 2 iterations for the defense's and every attack's `steps`, and
+batches of 32, 2 batches per epoch, one epoch, 2 iterations for the defense's and every attack's `steps` and for
+the analysis's searches and power iterations, and
 optionally a subset of the strengths) and lists every change. `stand_in` replaces a dataset that is not on disk
 by synthetic data of the same shape and class count, which the dataset plugin provides through its optional
 `stand_in(train_size, test_size, seed)` method. The report says `"smoke": true`, `data.stand_in`, and lists
@@ -47,6 +48,10 @@ def apply(spec: dict) -> tuple[dict, list[dict]]:
             options = options[key]
         if isinstance(options["options"].get("steps"), int):
             _cap(spec, site + ["options", "steps"], caps["steps"], changes)
+    if "analysis" in spec:  # the analysis searches eps-balls and runs power iterations per layer: cap it alike
+        _cap(spec, ["analysis", "max_train"], caps["max_train"], changes)
+        _cap(spec, ["analysis", "steps"], caps["steps"], changes)
+        _cap(spec, ["analysis", "power_iterations"], caps["steps"], changes)
     if caps.get("strengths") is not None:
         extra = [s for s in caps["strengths"] if s not in spec["defense"]["strengths"]]
         if extra:
