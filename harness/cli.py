@@ -51,15 +51,22 @@ def cli() -> None:
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Output folder (default: reports/<spec name>/).")
-def run(spec_path: Path, out_dir: Path | None) -> None:
-    """Train and evaluate every cell of SPEC; write report.json and print the table."""
+@click.option("--cell", "cell_ids", multiple=True, metavar="ID",
+              help="Run only this cell (repeatable); report.json then holds every cell of SPEC found in OUT/cells/.")
+def run(spec_path: Path, out_dir: Path | None, cell_ids: tuple[str, ...]) -> None:
+    """Train and evaluate every cell of SPEC; write report.json and print the table.
+
+    Under `torchrun --nproc_per_node=N -m harness run SPEC` each cell trains with DistributedDataParallel.
+    """
     from harness import spec as spec_mod
     from harness.report import render_table
     from harness.runner import run as run_spec
 
     spec = spec_mod.load(spec_path)
     out_dir = out_dir or Path("reports") / spec["name"]
-    report = run_spec(spec, out_dir, console)
+    report = run_spec(spec, out_dir, console, cell_ids=list(cell_ids))
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     render_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
     failed = [c["id"] for c in report["cells"] if c["status"] != "done"]
