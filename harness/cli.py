@@ -89,6 +89,31 @@ def validate(spec_path: Path) -> None:
 
 
 @cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="JSON file to write (default: reports/<spec name>/bench.json).")
+@click.option("--cell", "cell_ids", multiple=True, metavar="ID", help="Benchmark only this cell (repeatable).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Training batch (default: the spec's).")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), help="Evaluation batch (default: the spec's).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed rounds.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed rounds (median).")
+def bench(spec_path: Path, out_path: Path | None, cell_ids: tuple[str, ...], batch_size: int | None,
+          eval_batch_size: int | None, warmup: int, repeats: int) -> None:
+    """Images/s and FLOPs per image of each cell's training step and evaluation, with the plain advertorch
+    call and a hand-written PGD loop timed in the same run as ratios; writes JSON and prints a table."""
+    from harness import bench as bench_mod
+    from harness import spec as spec_mod
+
+    spec = spec_mod.load(spec_path)
+    doc = bench_mod.bench(spec, console, cell_ids=list(cell_ids), batch_size=batch_size,
+                          eval_batch_size=eval_batch_size, warmup=warmup, repeats=repeats)
+    out_path = out_path or Path("reports") / spec["name"] / "bench.json"
+    bench_mod.write(doc, out_path)
+    bench_mod.render(doc, console)
+    console.print(f"bench: {out_path}")
+
+
+@cli.command()
 def plugins() -> None:
     """List every plugin of every group with the distribution providing it; try loading each."""
     table = Table(title="harness plugins", title_justify="left")
