@@ -56,8 +56,14 @@ def cli() -> None:
                    "(the spec's \"smoke\" caps); synthetic stand-in data when the dataset is not on disk.")
 @click.option("--data-root", type=click.Path(path_type=Path, file_okay=False),
               help="Folder holding the datasets (overrides the spec's dataset.root).")
-def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None) -> None:
-    """Train and evaluate every cell of SPEC; write report.json and print the table."""
+@click.option("--cell", "cell_ids", multiple=True, metavar="ID",
+              help="Run only this cell (repeatable); report.json then holds every cell of SPEC found in OUT/cells/.")
+def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None,
+        cell_ids: tuple[str, ...]) -> None:
+    """Train and evaluate every cell of SPEC; write report.json and print the table.
+
+    Under `torchrun --nproc_per_node=N -m harness run SPEC` each cell trains with DistributedDataParallel.
+    """
     from harness import spec as spec_mod
     from harness.report import render_table
     from harness.runner import run as run_spec
@@ -66,7 +72,9 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
     if data_root is not None:
         spec["dataset"]["root"] = str(data_root)
     out_dir = out_dir or Path("reports") / (spec["name"] + ("-smoke" if smoke else ""))
-    report = run_spec(spec, out_dir, console, smoke=smoke)
+    report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=list(cell_ids))
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     render_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
     _write_figures(report, out_dir)
@@ -132,6 +140,31 @@ def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bo
         render_analysis_table(report, console)
     else:
         _write_figures(report, out_dir)
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="JSON file to write (default: reports/<spec name>/bench.json).")
+@click.option("--cell", "cell_ids", multiple=True, metavar="ID", help="Benchmark only this cell (repeatable).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Training batch (default: the spec's).")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), help="Evaluation batch (default: the spec's).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed rounds.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed rounds (median).")
+def bench(spec_path: Path, out_path: Path | None, cell_ids: tuple[str, ...], batch_size: int | None,
+          eval_batch_size: int | None, warmup: int, repeats: int) -> None:
+    """Images/s and FLOPs per image of each cell's training step and evaluation, with the plain advertorch
+    call and a hand-written PGD loop timed in the same run as ratios; writes JSON and prints a table."""
+    from harness import bench as bench_mod
+    from harness import spec as spec_mod
+
+    spec = spec_mod.load(spec_path)
+    doc = bench_mod.bench(spec, console, cell_ids=list(cell_ids), batch_size=batch_size,
+                          eval_batch_size=eval_batch_size, warmup=warmup, repeats=repeats)
+    out_path = out_path or Path("reports") / spec["name"] / "bench.json"
+    bench_mod.write(doc, out_path)
+    bench_mod.render(doc, console)
+    console.print(f"bench: {out_path}")
 
 
 @cli.command()

@@ -7,6 +7,8 @@ assembled from those files, so a failure in one cell never touches the results o
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import platform
 import random
 import subprocess
@@ -28,6 +30,8 @@ from harness.errors import BadInput, DatasetNotFound, RunFailure
 from harness.evaluate import evaluate
 from harness.plugin import ADVERSARY_POLICY, DataSplits, to_unit
 from harness.report import validate_report, write_json_atomic
+from harness.distributed import Distributed
+from harness.performance import Performance, Runtime
 from harness.train import steps_per_epoch, train
 
 
@@ -43,6 +47,39 @@ class Cell:
 
 def plan(spec: dict) -> list[Cell]:
     return [Cell(model, float(s)) for model in spec["models"] for s in spec["defense"]["strengths"]]
+
+
+def select(cells: list[Cell], ids: list[str] | None) -> list[Cell]:
+    """The cells named by `--cell` (all of them when none is named), in plan order."""
+    if not ids:
+        return cells
+    valid = [c.id for c in cells]
+    unknown = [i for i in ids if i not in valid]
+    if unknown:
+        raise BadInput(f"unknown cell id{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
+                       fix=f"the spec's cells are: {', '.join(valid)}")
+    return [c for c in cells if c.id in ids]
+
+
+def spec_digest(spec: dict) -> str:
+    """Identifies the experiment a cell file belongs to (every field but `performance` and `description`,
+    which change how fast, not what), so that separate `--cell` jobs writing into one folder merge."""
+    core = {k: v for k, v in spec.items() if k not in ("performance", "description")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def collect_cells(out_dir: Path, spec: dict) -> list[dict]:
+    """Every cell file under out_dir/cells/ of this spec (same digest), in plan order."""
+    digest, order = spec_digest(spec), {c.id: i for i, c in enumerate(plan(spec))}
+    found = []
+    for path in sorted((out_dir / "cells").glob("*.json")):
+        try:
+            cell = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue  # a half-written or foreign file is not a result of this spec
+        if isinstance(cell, dict) and cell.get("spec_digest") == digest and cell.get("id") in order:
+            found.append(cell)
+    return sorted(found, key=lambda c: order[c["id"]])
 
 
 def pick_device(choice: str) -> torch.device:
@@ -98,10 +135,13 @@ def load_data(spec: dict, smoke: bool = False) -> DataSplits:
     return data
 
 
-def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Progress) -> dict:
+def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Progress,
+             runtime: Runtime | None = None) -> dict | None:
     seed_everything(spec["seed"])  # the same initialisation for every strength: cells differ only by strength
     model_cls = registry.load("model", cell.model["name"])
     model = model_cls(**cell.model["options"]).build(data.num_classes, data.input_shape).to(device)
+    if runtime is not None and runtime.performance is not None:
+        runtime.performance.prepare_model(model)
     defense_entry = spec["defense"]
     defense = registry.load("defense", defense_entry["name"])(eps=to_unit(cell.strength), **defense_entry["options"])
     attacks = [(a, registry.load("attack", a["name"])(eps=to_unit(a["eps"]), **a["options"]))
@@ -110,8 +150,11 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     started = time.perf_counter()
 
     task = progress.add_task(f"train {cell.id}", total=cfg["epochs"] * steps_per_epoch(data, cfg))
-    history = train(model, defense, data, cfg, device, spec["seed"], on_step=lambda: progress.advance(task))
+    history = train(model, defense, data, cfg, device, spec["seed"], on_step=lambda: progress.advance(task),
+                    runtime=runtime)
     progress.update(task, visible=False)
+    if runtime is not None and runtime.distributed is not None and not runtime.distributed.is_main:
+        return None  # rank 0 evaluates and writes
 
     eval_bs = spec["evaluation"]["batch_size"]
     eval_batches = sum((len(s) + eval_bs - 1) // eval_bs for s in (data.train, data.test, *([data.test] * len(attacks))))
@@ -122,6 +165,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     return {
         "id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
         "defense": defense_entry["name"], "strength": cell.strength, "status": "done",
+        "spec_digest": spec_digest(spec),
         "seconds": time.perf_counter() - started,
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history, "metrics": metrics, **({"analysis": analysis} if analysis is not None else {}),
@@ -133,27 +177,45 @@ def make_progress(console: Console) -> Progress:
                     TimeRemainingColumn(), console=console, transient=True)
 
 
-def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False) -> dict:
-    """Run every cell of a validated spec; write cells/<id>.json and report.json under out_dir; return the report."""
+def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False,
+        cell_ids: list[str] | None = None) -> dict | None:
+    """Run every cell of a validated spec (or those of `cell_ids`); write cells/<id>.json and report.json under
+    out_dir; return the report, which holds every cell file of this spec found in out_dir/cells/. Under torchrun,
+    only rank 0 evaluates and writes; the other ranks return None."""
     smoke_overrides: list[dict] = []
     if smoke:
         spec, smoke_overrides = smoke_mod.apply(spec)
+    selected = select(plan(spec), cell_ids)
     device = pick_device(spec["device"])
-    data = load_data(spec, smoke)
+    distributed = Distributed.from_env()
+    if distributed is not None:
+        distributed.check_batch_size(spec["training"]["batch_size"])
+        device = distributed.device(device)
+        distributed.init(device)
+        if not distributed.is_main:
+            console = Console(quiet=True)
+    performance = Performance.from_spec(spec.get("performance"), device)
+    performance.apply_global()
+    runtime = Runtime(performance, distributed)
+    data = performance.prepare_data(load_data(spec, smoke))
     console.print(f"[bold]{spec['name']}[/bold]: {len(plan(spec))} cells on {device}; data: {data.source or spec['dataset']['name']} "
                   f"({len(data.train)} train / {len(data.test)} test, {data.num_classes} classes, input {data.input_shape})")
     if data.stand_in:
         console.print("[yellow]stand-in data: synthetic images replace the real dataset; numbers are not results[/yellow]")
     cells = []
     with make_progress(console) as progress:
-        for cell in plan(spec):
+        for cell in selected:
             try:
-                result = run_cell(cell, spec, data, device, progress)
+                result = run_cell(cell, spec, data, device, progress, runtime)
             except RunFailure as exc:
                 console.print(f"[red]cell {cell.id} failed:[/red] {exc}")
                 result = {"id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
                           "defense": spec["defense"]["name"], "strength": cell.strength, "status": "failed",
-                          "error": str(exc)}
+                          "error": str(exc), "spec_digest": spec_digest(spec)}
+            if distributed is not None:
+                distributed.barrier()
+                if not distributed.is_main:
+                    continue
             if result["status"] == "done" and cell.model.get("paper_block"):
                 reference = paper.compare(cell.model["paper_block"], cell.strength, result["metrics"])
                 if reference is not None:
@@ -164,6 +226,10 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False) -> 
                 m = result["metrics"]
                 console.print(f"cell {cell.id}: acc {m['clean_acc']:.2f}%  GE {m['ge']:.4f}  "
                               f"PGD {m['pgd_acc']:.2f}%  ({result['seconds']:.1f} s)")
+    if distributed is not None:
+        distributed.shutdown()
+        if not distributed.is_main:
+            return None
     report = {
         "schema_version": 1,
         "harness_version": harness.__version__,
@@ -173,8 +239,9 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False) -> 
         "data": {"source": data.source, "stand_in": data.stand_in, "train_size": len(data.train),
                  "test_size": len(data.test), "num_classes": data.num_classes, "input_shape": list(data.input_shape),
                  "notes": data.notes},
-        "environment": environment(device),
-        "cells": cells,
+        "environment": dict(environment(device), performance=performance.describe(),
+                            world_size=distributed.world_size if distributed is not None else 1),
+        "cells": collect_cells(out_dir, spec),
     }
     if smoke:
         report["smoke_overrides"] = smoke_overrides

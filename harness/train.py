@@ -11,6 +11,7 @@ from torch import nn
 
 from harness.data import batches, num_batches
 from harness.errors import RunFailure
+from harness.performance import Runtime
 from harness.plugin import DataSplits, DefensePlugin
 
 
@@ -47,8 +48,15 @@ def train(
     device: torch.device,
     seed: int,
     on_step: Callable[[], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> list[dict]:
-    """Train `model` in place for cfg['epochs'] epochs; return the per-epoch history."""
+    """Train `model` in place for cfg['epochs'] epochs; return the per-epoch history.
+
+    `runtime` (harness.performance) sets precision/layout/compilation and, under torchrun, DDP and the sharding
+    of each batch over ranks; None trains exactly as the plain loop.
+    """
+    runtime = runtime or Runtime()
+    step_model = runtime.training_model(model)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg["schedule"])
     order = torch.Generator().manual_seed(seed)
@@ -57,9 +65,9 @@ def train(
         model.train()
         started, total, seen = time.perf_counter(), 0.0, 0
         lr = optimizer.param_groups[0]["lr"]
-        for step, (x, y) in enumerate(batches(data.train, cfg["batch_size"], device, transform=data.augment,
-                                              generator=order, max_batches=cfg["max_batches"]), start=1):
-            loss = defense.loss(model, x, y)
+        for step, (x, y) in enumerate(runtime.batches(batches(data.train, cfg["batch_size"], device, transform=data.augment,
+                                              generator=order, max_batches=cfg["max_batches"])), start=1):
+            loss = runtime.loss(defense, step_model, x, y)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLoss(epoch, step, value)
@@ -71,6 +79,7 @@ def train(
             if on_step is not None:
                 on_step()
         scheduler.step()
+        total, seen = runtime.epoch_totals(total, seen)
         history.append({"epoch": epoch, "lr": lr, "train_objective": total / max(seen, 1),
                         "seconds": time.perf_counter() - started})
     return history

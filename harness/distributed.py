@@ -1,0 +1,124 @@
+"""Multi-process training of a cell with DistributedDataParallel, as started by torchrun.
+
+`torchrun --nproc_per_node=N -m harness run SPEC` starts N processes with RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT in their environment; `Distributed.from_env()` reads them (None when WORLD_SIZE is
+absent or 1, so a plain run is untouched). Backend nccl on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on
+CPU.
+
+What each rank does, per cell:
+- builds the model from the same seed (DDP also broadcasts rank 0's parameters and buffers);
+- walks the *same* seeded permutation as a single process would, takes each global batch of `batch_size`,
+  transforms (augments) it exactly as a single process would, and keeps its interleaved shard
+  `batch[rank::world_size]` (DistributedSampler's interleaving). A final batch that does not divide by the
+  world size is cut to a multiple of it (at most world_size - 1 samples per epoch dropped), so every rank's
+  shard has the same size and DDP's gradient average equals the single-process gradient of the mean loss;
+- computes adversaries on the *unwrapped* module (see `_Routed`), and the loss the optimizer follows through
+  the DDP wrapper, whose backward averages gradients over ranks;
+- rank 0 alone evaluates the cell and writes files; the others wait at a barrier (the process group's timeout is
+  long, TIMEOUT, because evaluation under strong attacks can take a while).
+
+Known limit: a non-finite loss raises on the rank that sees it; a rank whose shard stayed finite meets the NaN
+averaged into its gradients one step later, so all ranks stop, but not at the same step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from harness.errors import BadInput
+
+TIMEOUT = dt.timedelta(hours=12)
+
+
+class _Routed(nn.Module):
+    """The model a defense sees under DDP: a forward with trainable parameters and autograd on (the loss the
+    optimizer follows) goes through DistributedDataParallel; any other forward (an adversary inside
+    `adversary_mode`, whose parameters are frozen, or an evaluation under no_grad) runs the unwrapped module, so
+    DDP's reducer only ever sees the one forward/backward per step it synchronizes."""
+
+    def __init__(self, module: nn.Module, ddp: nn.Module):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_ddp", ddp)  # not a registered child: parameters listed once, via `module`
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters()):
+            return self._ddp(*args, **kwargs)
+        return self.module(*args, **kwargs)
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "Distributed | None":
+        env = os.environ if env is None else env
+        try:
+            world_size = int(env.get("WORLD_SIZE", "1"))
+            rank = int(env.get("RANK", "0"))
+            local_rank = int(env.get("LOCAL_RANK", str(rank)))
+        except ValueError as exc:
+            raise BadInput(f"torchrun environment is malformed: {exc}",
+                           fix="start multi-process runs with `torchrun --nproc_per_node=N -m harness run SPEC`")
+        if world_size <= 1:
+            return None
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """This rank's device: cuda:LOCAL_RANK on CUDA, else the CPU."""
+        if device.type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def init(self, device: torch.device) -> None:
+        if not torch_dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch_dist.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size,
+                                          timeout=TIMEOUT)
+        self._device = device
+
+    def shutdown(self) -> None:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        torch_dist.barrier()
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size % self.world_size:
+            raise BadInput(f"training.batch_size {batch_size} does not divide by the {self.world_size} processes",
+                           fix=f"use a batch size that is a multiple of {self.world_size} (it is the global batch)")
+
+    def wrap(self, model: nn.Module, compile_fn: Callable[[nn.Module], nn.Module] = lambda m: m) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
+        return _Routed(model, compile_fn(DDP(model, device_ids=device_ids)))
+
+    def shard(self, iterator: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in iterator:
+            usable = len(y) - len(y) % self.world_size
+            if usable == 0:
+                continue
+            yield x[self.rank:usable:self.world_size], y[self.rank:usable:self.world_size]
+
+    def sum_totals(self, total: float, seen: int) -> tuple[float, int]:
+        device = getattr(self, "_device", torch.device("cpu"))
+        t = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
+        torch_dist.all_reduce(t)
+        return float(t[0]), int(t[1])
