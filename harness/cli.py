@@ -51,15 +51,32 @@ def cli() -> None:
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Output folder (default: reports/<spec name>/).")
-def run(spec_path: Path, out_dir: Path | None) -> None:
-    """Train and evaluate every cell of SPEC; write report.json and print the table."""
+@click.option("--fresh", is_flag=True, help="Start over: delete this spec's cell results and checkpoints in the "
+              "output folder first (by default finished cells are kept and interrupted ones resume).")
+@click.option("--force", is_flag=True, help="Resume from checkpoints even though the training-relevant part of "
+              "the spec changed since they were written (refused by default, exit 2).")
+def run(spec_path: Path, out_dir: Path | None, fresh: bool, force: bool) -> None:
+    """Train and evaluate every cell of SPEC; write report.json and print the table.
+
+    Every epoch of every cell is checkpointed under OUT/checkpoints/. Running the same command again skips the
+    finished cells and resumes the interrupted ones exactly; SIGINT/SIGTERM stop at the next step boundary after
+    writing a checkpoint (exit 130/143).
+    """
+    import shlex
+
     from harness import spec as spec_mod
+    from harness.interrupt import Interrupted
+    from harness.paths import inside
     from harness.report import render_table
     from harness.runner import run as run_spec
 
     spec = spec_mod.load(spec_path)
-    out_dir = out_dir or Path("reports") / spec["name"]
-    report = run_spec(spec, out_dir, console)
+    out_dir = out_dir or inside(Path("reports"), spec["name"], where="$.name")
+    try:
+        report = run_spec(spec, out_dir, console, fresh=fresh, force=force)
+    except Interrupted as exc:
+        exc.fix = f"resume with: harness run {shlex.quote(str(spec_path))} --out {shlex.quote(str(out_dir))}"
+        raise
     render_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
     failed = [c["id"] for c in report["cells"] if c["status"] != "done"]

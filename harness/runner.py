@@ -7,6 +7,7 @@ assembled from those files, so a failure in one cell never touches the results o
 from __future__ import annotations
 
 import datetime as dt
+import json
 import platform
 import random
 import subprocess
@@ -25,7 +26,10 @@ from harness.errors import BadInput, RunFailure
 from harness.evaluate import evaluate
 from harness.plugin import ADVERSARY_POLICY, DataSplits, to_unit
 from harness.report import validate_report, write_json_atomic
-from harness.train import steps_per_epoch, train
+from harness.train import TrainingStopped, steps_per_epoch, train
+from harness import checkpoint
+from harness.interrupt import InterruptGuard
+from harness.paths import check_dataset_root
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,8 @@ def load_data(spec: dict) -> DataSplits:
     return data
 
 
-def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Progress) -> dict:
+def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Progress,
+             out_dir: Path | None = None, guard: InterruptGuard | None = None) -> dict:
     seed_everything(spec["seed"])  # the same initialisation for every strength: cells differ only by strength
     model_cls = registry.load("model", cell.model["name"])
     model = model_cls(**cell.model["options"]).build(data.num_classes, data.input_shape).to(device)
@@ -101,14 +106,33 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     cfg = spec["training"]
     started = time.perf_counter()
 
-    task = progress.add_task(f"train {cell.id}", total=cfg["epochs"] * steps_per_epoch(data, cfg))
-    history = train(model, defense, data, cfg, device, spec["seed"], on_step=lambda: progress.advance(task))
+    # Checkpoints (harness.checkpoint): resume from OUT/checkpoints/<id>.pt when run() decided so, save every epoch.
+    view = checkpoint.training_view(spec, cell.model, cell.strength)
+    ckpt_path = checkpoint.cell_paths(out_dir, cell.id)[1] if out_dir is not None else None
+    resume = checkpoint.load(ckpt_path) if ckpt_path is not None and ckpt_path.exists() else None
+    ident = {"cell": cell.id, "fingerprint": checkpoint.fingerprint(view), "spec": view}
+    save = (lambda state: checkpoint.save(ckpt_path, {**state, **ident})) if ckpt_path is not None else None
+    stop = guard.requested if guard is not None else None
+    done = 0 if resume is None else resume["epoch"] * steps_per_epoch(data, cfg) + resume["step"]
+
+    task = progress.add_task(f"train {cell.id}", total=cfg["epochs"] * steps_per_epoch(data, cfg), completed=done)
+    try:
+        history = train(model, defense, data, cfg, device, spec["seed"], on_step=lambda: progress.advance(task),
+                        resume=resume, on_checkpoint=save, should_stop=stop)
+    except TrainingStopped as exc:
+        raise guard.interrupted(f"cell {cell.id} stopped after step {exc.step} of epoch {exc.epoch}; "
+                                f"checkpoint written to {ckpt_path}") from None
     progress.update(task, visible=False)
+
+    def on_eval_batch() -> None:
+        progress.advance(task)
+        if guard is not None and guard.requested():
+            raise guard.interrupted(f"cell {cell.id} stopped while evaluating; its trained state is in {ckpt_path}")
 
     eval_bs = spec["evaluation"]["batch_size"]
     eval_batches = sum((len(s) + eval_bs - 1) // eval_bs for s in (data.train, data.test, *([data.test] * len(attacks))))
     task = progress.add_task(f"evaluate {cell.id}", total=eval_batches)
-    metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=lambda: progress.advance(task))
+    metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch)
     progress.update(task, visible=False)
     return {
         "id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
@@ -116,6 +140,8 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         "seconds": time.perf_counter() - started,
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history, "metrics": metrics,
+        "fingerprint": {"training": ident["fingerprint"], "evaluation": checkpoint.fingerprint(spec["evaluation"])},
+        **({"resumed_from": {"epoch": resume["epoch"], "step": resume["step"]}} if resume is not None else {}),
     }
 
 
@@ -124,25 +150,41 @@ def make_progress(console: Console) -> Progress:
                     TimeRemainingColumn(), console=console, transient=True)
 
 
-def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False) -> dict:
-    """Run every cell of a validated spec; write cells/<id>.json and report.json under out_dir; return the report."""
+def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, fresh: bool = False,
+        force: bool = False) -> dict:
+    """Run every cell of a validated spec; write cells/<id>.json and report.json under out_dir; return the report.
+
+    Cells finished under the same spec are skipped, interrupted ones resume from their checkpoints
+    (harness.checkpoint.plan_resume; `fresh` starts over, `force` resumes despite training-relevant changes).
+    """
     device = pick_device(spec["device"])
+    check_dataset_root(spec)
+    decisions = checkpoint.plan_resume(spec, plan(spec), out_dir, fresh=fresh, force=force)
     data = load_data(spec)
     console.print(f"[bold]{spec['name']}[/bold]: {len(plan(spec))} cells on {device}; data: {data.source or spec['dataset']['name']} "
                   f"({len(data.train)} train / {len(data.test)} test, {data.num_classes} classes, input {data.input_shape})")
     if data.stand_in:
         console.print("[yellow]stand-in data: synthetic images replace the real dataset; numbers are not results[/yellow]")
     cells = []
-    with make_progress(console) as progress:
+    with make_progress(console) as progress, InterruptGuard() as guard:
         for cell in plan(spec):
+            result_path = checkpoint.cell_paths(out_dir, cell.id)[0]
+            if guard.requested():
+                raise guard.interrupted(f"stopped before cell {cell.id}")
+            if decisions[cell.id] == "skip":
+                cells.append(json.loads(result_path.read_text(encoding="utf-8")))
+                console.print(f"cell {cell.id}: finished earlier under the same spec, kept ({result_path})")
+                continue
+            if decisions[cell.id] == "resume":
+                console.print(f"cell {cell.id}: resuming from {checkpoint.cell_paths(out_dir, cell.id)[1]}")
             try:
-                result = run_cell(cell, spec, data, device, progress)
+                result = run_cell(cell, spec, data, device, progress, out_dir, guard)
             except RunFailure as exc:
                 console.print(f"[red]cell {cell.id} failed:[/red] {exc}")
                 result = {"id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
                           "defense": spec["defense"]["name"], "strength": cell.strength, "status": "failed",
                           "error": str(exc)}
-            write_json_atomic(out_dir / "cells" / f"{cell.id}.json", result)
+            write_json_atomic(result_path, result)
             cells.append(result)
             if result["status"] == "done":
                 m = result["metrics"]

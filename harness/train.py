@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Callable
@@ -9,8 +10,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from harness import checkpoint
+from harness.checkpoint import restore_global_rng
 from harness.data import batches, num_batches
-from harness.errors import RunFailure
+from harness.errors import BadInput, RunFailure
 from harness.plugin import DataSplits, DefensePlugin
 
 
@@ -47,18 +50,38 @@ def train(
     device: torch.device,
     seed: int,
     on_step: Callable[[], None] | None = None,
+    *,
+    resume: dict | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[dict]:
-    """Train `model` in place for cfg['epochs'] epochs; return the per-epoch history."""
+    """Train `model` in place for cfg['epochs'] epochs; return the per-epoch history.
+
+    Checkpoints (harness.checkpoint): `on_checkpoint(state)` receives the full training state after every epoch;
+    when `should_stop()` turns true it receives the state at that step boundary and TrainingStopped is raised.
+    `resume` is such a state: training continues from it exactly (see harness.checkpoint for how).
+    """
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg["schedule"])
     order = torch.Generator().manual_seed(seed)
-    history = []
-    for epoch in range(1, cfg["epochs"] + 1):
+    history, first_epoch, skip = [], 1, 0
+    if resume is not None:
+        history, first_epoch, skip = resume_training(resume, model, optimizer, scheduler, order)
+    for epoch in range(first_epoch, cfg["epochs"] + 1):
         model.train()
         started, total, seen = time.perf_counter(), 0.0, 0
         lr = optimizer.param_groups[0]["lr"]
-        for step, (x, y) in enumerate(batches(data.train, cfg["batch_size"], device, transform=data.augment,
-                                              generator=order, max_batches=cfg["max_batches"]), start=1):
+        epoch_order = order.get_state()
+        steps = batches(data.train, cfg["batch_size"], device, transform=data.augment, generator=order,
+                        max_batches=cfg["max_batches"])
+        if skip:  # resuming mid-epoch: replay the batches already trained on, then the saved RNG states
+            for _ in range(skip):
+                next(steps, None)
+            restore_global_rng(resume["rng"])
+            order.set_state(resume["rng"]["order"])
+            p = resume["partial"]
+            started, total, seen = started - p["seconds"], p["total"], p["seen"]
+        for step, (x, y) in enumerate(steps, start=skip + 1):
             loss = defense.loss(model, x, y)
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -70,10 +93,54 @@ def train(
             seen += len(y)
             if on_step is not None:
                 on_step()
+            if should_stop is not None and should_stop():
+                if on_checkpoint is not None:
+                    partial = {"total": total, "seen": seen, "seconds": time.perf_counter() - started}
+                    on_checkpoint(training_state(model, optimizer, scheduler, order, epoch - 1, step, history,
+                                                 epoch_order, partial))
+                raise TrainingStopped(epoch, step)
+        skip = 0
         scheduler.step()
         history.append({"epoch": epoch, "lr": lr, "train_objective": total / max(seen, 1),
                         "seconds": time.perf_counter() - started})
+        if on_checkpoint is not None:
+            on_checkpoint(training_state(model, optimizer, scheduler, order, epoch, 0, history, order.get_state()))
     return history
+
+
+class TrainingStopped(Exception):
+    """Training stopped at a step boundary because it was asked to (a signal); a checkpoint was handed over."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"training stopped after epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def training_state(model, optimizer, scheduler, order, epoch, step, history, order_epoch_start, partial=None) -> dict:
+    """Everything train() needs to continue after `epoch` complete epochs and `step` steps of the next one."""
+    return {
+        "format": checkpoint.FORMAT, "epoch": epoch, "step": step, "history": copy.deepcopy(history),
+        "partial": partial or {"total": 0.0, "seen": 0, "seconds": 0.0},
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": checkpoint.capture_rng(order), "order_epoch_start": order_epoch_start,
+    }
+
+
+def resume_training(state, model, optimizer, scheduler, order) -> tuple[list[dict], int, int]:
+    """Load a training state; return (history, first epoch to run, steps of it already done)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise BadInput(f"the checkpoint does not fit this model: {str(exc).strip().splitlines()[0][:300]}",
+                       fix="run again with --fresh (the checkpoint was written for another model)") from exc
+    scheduler.load_state_dict(state["scheduler"])
+    if state["step"]:
+        order.set_state(state["order_epoch_start"])  # the epoch's permutation is drawn again, then replayed
+    else:
+        restore_global_rng(state["rng"])
+        order.set_state(state["rng"]["order"])
+    return copy.deepcopy(state["history"]), state["epoch"] + 1, state["step"]
 
 
 def steps_per_epoch(data: DataSplits, cfg: dict) -> int:
