@@ -138,11 +138,13 @@ def save(path: Path, state: dict) -> None:
         raise
 
 
-def load(path: Path) -> dict:
-    """Read a checkpoint (tensors and plain containers only); a damaged or foreign file is a BadInput naming it."""
+def load(path: Path, *, mmap: bool = False) -> dict:
+    """Read a checkpoint (tensors and plain containers only); a damaged or foreign file is a BadInput naming it.
+
+    `mmap=True` maps the tensors instead of reading them: checking a large checkpoint's fingerprint costs little."""
     fix = f"delete {path} (that cell then starts over) or run again with --fresh"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, not a torch file, a pickle with code in it: all "cannot use this"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BadInput(f"checkpoint {path} cannot be read: {type(exc).__name__}: {reason[:300]}", fix=fix) from exc
@@ -206,7 +208,7 @@ def plan_resume(spec: dict, cells: list, out_dir: Path, *, fresh: bool, force: b
         if not ckpt_path.exists():
             decisions[cell.id] = "start"
             continue
-        changed = mismatch(load(ckpt_path), view)
+        changed = mismatch(load(ckpt_path, mmap=True), view)
         if changed and not force:
             refused.append(f"cell {cell.id} ({ckpt_path}):\n    " + "\n    ".join(changed))
         decisions[cell.id] = "resume"
