@@ -25,6 +25,7 @@ retraining it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -118,6 +119,34 @@ def restore_global_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ------------------------------------------------------------------------------------- training state
+
+
+def training_state(model, optimizer, scheduler, order, epoch, step, history, order_epoch_start, partial=None) -> dict:
+    """Everything train() needs to continue after `epoch` complete epochs and `step` steps of the next one."""
+    return {
+        "format": FORMAT, "epoch": epoch, "step": step, "history": copy.deepcopy(history),
+        "partial": partial or {"total": 0.0, "seen": 0, "seconds": 0.0},
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": capture_rng(order), "order_epoch_start": order_epoch_start,
+    }
+
+
+def resume_training(state, model, optimizer, scheduler, order) -> tuple[list[dict], int, int]:
+    """Load a training state; return (history, first epoch to run, steps of it already done)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise BadInput(f"the checkpoint does not fit this model: {str(exc).strip().splitlines()[0][:300]}",
+                       fix="run again with --fresh (the checkpoint was written for another model)") from exc
+    scheduler.load_state_dict(state["scheduler"])
+    restore_global_rng(state["rng"])
+    # mid-epoch, the epoch's permutation is drawn again from its start state and its first `step` batches replayed
+    order.set_state(state["order_epoch_start"] if state["step"] else state["rng"]["order"])
+    return copy.deepcopy(state["history"]), state["epoch"] + 1, state["step"]
 
 
 # ------------------------------------------------------------------------------------- files

@@ -59,3 +59,11 @@ class InterruptGuard:
     def interrupted(self, where: str) -> Interrupted:
         name = signal.Signals(self.signum).name
         return Interrupted(self.signum, f"interrupted by {name}: {where}")
+
+
+class TrainingStopped(Exception):
+    """Training stopped at a step boundary because it was asked to (a signal); a checkpoint was handed over."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"training stopped after epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step

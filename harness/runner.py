@@ -26,9 +26,9 @@ from harness.errors import BadInput, RunFailure
 from harness.evaluate import evaluate
 from harness.plugin import ADVERSARY_POLICY, DataSplits, to_unit
 from harness.report import validate_report, write_json_atomic
-from harness.train import TrainingStopped, steps_per_epoch, train
+from harness.train import steps_per_epoch, train
 from harness import checkpoint
-from harness.interrupt import InterruptGuard
+from harness.interrupt import InterruptGuard, TrainingStopped
 from harness.paths import check_dataset_root
 
 

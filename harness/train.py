@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Callable
@@ -10,10 +9,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from harness import checkpoint
-from harness.checkpoint import restore_global_rng
+from harness.checkpoint import restore_global_rng, resume_training, training_state
 from harness.data import batches, num_batches
-from harness.errors import BadInput, RunFailure
+from harness.errors import RunFailure
+from harness.interrupt import TrainingStopped
 from harness.plugin import DataSplits, DefensePlugin
 
 
@@ -106,41 +105,6 @@ def train(
         if on_checkpoint is not None:
             on_checkpoint(training_state(model, optimizer, scheduler, order, epoch, 0, history, order.get_state()))
     return history
-
-
-class TrainingStopped(Exception):
-    """Training stopped at a step boundary because it was asked to (a signal); a checkpoint was handed over."""
-
-    def __init__(self, epoch: int, step: int):
-        super().__init__(f"training stopped after epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
-
-
-def training_state(model, optimizer, scheduler, order, epoch, step, history, order_epoch_start, partial=None) -> dict:
-    """Everything train() needs to continue after `epoch` complete epochs and `step` steps of the next one."""
-    return {
-        "format": checkpoint.FORMAT, "epoch": epoch, "step": step, "history": copy.deepcopy(history),
-        "partial": partial or {"total": 0.0, "seen": 0, "seconds": 0.0},
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": checkpoint.capture_rng(order), "order_epoch_start": order_epoch_start,
-    }
-
-
-def resume_training(state, model, optimizer, scheduler, order) -> tuple[list[dict], int, int]:
-    """Load a training state; return (history, first epoch to run, steps of it already done)."""
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise BadInput(f"the checkpoint does not fit this model: {str(exc).strip().splitlines()[0][:300]}",
-                       fix="run again with --fresh (the checkpoint was written for another model)") from exc
-    scheduler.load_state_dict(state["scheduler"])
-    if state["step"]:
-        order.set_state(state["order_epoch_start"])  # the epoch's permutation is drawn again, then replayed
-    else:
-        restore_global_rng(state["rng"])
-        order.set_state(state["rng"]["order"])
-    return copy.deepcopy(state["history"]), state["epoch"] + 1, state["step"]
 
 
 def steps_per_epoch(data: DataSplits, cfg: dict) -> int:

@@ -15,7 +15,8 @@ from harness.cli import cli
 from harness.plugin import to_unit
 from harness.report import validate_report
 from harness.runner import load_data, seed_everything
-from harness.train import TrainingStopped, train
+from harness.interrupt import TrainingStopped
+from harness.train import train
 
 CELL = "lenet__s16"
 
