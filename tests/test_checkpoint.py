@@ -21,6 +21,15 @@ from harness.train import train
 CELL = "lenet__s16"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def small_spec(tiny_spec):
     """One spectrally-normalized LeNet cell, PGD-AT at 16 (advertorch's random start draws from torch's RNG)."""

@@ -19,6 +19,15 @@ from harness.interrupt import InterruptGuard
 from conftest import REPO
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def invoke(*args):
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert "Traceback" not in result.output
@@ -26,7 +35,7 @@ def invoke(*args):
 
 
 def harness(*args, cwd):
-    env = dict(os.environ, GIT_PYTHON_REFRESH="quiet", PYTHONPATH=str(REPO))
+    env = dict(os.environ, GIT_PYTHON_REFRESH="quiet", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -18,6 +19,15 @@ from harness.paths import inside, safe_component
 from harness.runner import run
 
 from conftest import REPO
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def invoke(*args):
