@@ -143,6 +143,10 @@ def resume_training(state, model, optimizer, scheduler, order) -> tuple[list[dic
         raise BadInput(f"the checkpoint does not fit this model: {str(exc).strip().splitlines()[0][:300]}",
                        fix="run again with --fresh (the checkpoint was written for another model)") from exc
     scheduler.load_state_dict(state["scheduler"])
+    if state["step"]:
+        # The saved run did step this optimizer; torch's scheduler would warn "lr_scheduler.step() before
+        # optimizer.step()" when a resume replays a whole first epoch. The flag is the one its check reads.
+        optimizer._opt_called = True
     restore_global_rng(state["rng"])
     # mid-epoch, the epoch's permutation is drawn again from its start state and its first `step` batches replayed
     order.set_state(state["order_epoch_start"] if state["step"] else state["rng"]["order"])

@@ -103,9 +103,11 @@ def test_sigterm_mid_run_then_resume_equals_uninterrupted(small_spec, write_spec
     assert cell_result(boundary)["resumed_from"] == {"epoch": 1, "step": 0}
 
 
-def test_mid_epoch_resume_with_augmentation_is_exact(small_spec, tmp_path):
-    """Stopped after step 2 of epoch 2 with an augmentation drawing from the data generator; resumed in a process
-    whose every global RNG was moved on: the parameters end equal to an uninterrupted run's."""
+@pytest.mark.parametrize("stop_at, stopped_at, saved_at", [(7, (2, 2), (1, 2)), (5, (1, 6), (0, 6))])
+def test_mid_epoch_resume_with_augmentation_is_exact(small_spec, tmp_path, stop_at, stopped_at, saved_at):
+    """Stopped after step 2 of epoch 2 (or after the last step of epoch 1, before its scheduler step) with an
+    augmentation drawing from the data generator; resumed in a process whose every global RNG was moved on: the
+    parameters end equal to an uninterrupted run's."""
     spec = spec_mod.validate(small_spec)
     data = load_data(spec)
     data.augment = lambda x, g: torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
@@ -123,11 +125,11 @@ def test_mid_epoch_resume_with_augmentation_is_exact(small_spec, tmp_path):
     model, steps = fresh_model(), iter(range(10**6))
     path = tmp_path / "mid.pt"
     with pytest.raises(TrainingStopped) as stopped:
-        train(model, defense, data, cfg, torch.device("cpu"), seed=0, should_stop=lambda: next(steps) == 7,
+        train(model, defense, data, cfg, torch.device("cpu"), seed=0, should_stop=lambda: next(steps) == stop_at,
               on_checkpoint=lambda state: checkpoint.save(path, {**state, "cell": "c", "fingerprint": "", "spec": {}}))
-    assert (stopped.value.epoch, stopped.value.step) == (2, 2)
+    assert (stopped.value.epoch, stopped.value.step) == stopped_at
     state = checkpoint.load(path)
-    assert (state["epoch"], state["step"]) == (1, 2)
+    assert (state["epoch"], state["step"]) == saved_at
 
     resumed = fresh_model()
     torch.manual_seed(1234), random.seed(99), np.random.seed(7)  # a new process's RNGs are anywhere
