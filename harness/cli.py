@@ -58,21 +58,39 @@ def cli() -> None:
               help="Folder holding the datasets (overrides the spec's dataset.root).")
 @click.option("--cell", "cell_ids", multiple=True, metavar="ID",
               help="Run only this cell (repeatable); report.json then holds every cell of SPEC found in OUT/cells/.")
+@click.option("--fresh", is_flag=True, help="Start over: delete this spec's cell results and checkpoints in the "
+              "output folder first (by default finished cells are kept and interrupted ones resume).")
+@click.option("--force", is_flag=True, help="Resume from checkpoints even though the training-relevant part of "
+              "the spec changed since they were written (refused by default, exit 2).")
 def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None,
-        cell_ids: tuple[str, ...]) -> None:
+        cell_ids: tuple[str, ...], fresh: bool, force: bool) -> None:
     """Train and evaluate every cell of SPEC; write report.json and print the table.
 
-    Under `torchrun --nproc_per_node=N -m harness run SPEC` each cell trains with DistributedDataParallel.
+    Every epoch of every cell is checkpointed under OUT/checkpoints/. Running the same command again skips the
+    finished cells and resumes the interrupted ones exactly; SIGINT/SIGTERM stop at the next step boundary after
+    writing a checkpoint (exit 130/143). Under `torchrun --nproc_per_node=N -m harness run SPEC` each cell trains
+    with DistributedDataParallel.
     """
+    import shlex
+
     from harness import spec as spec_mod
+    from harness.interrupt import Interrupted
+    from harness.paths import inside
     from harness.report import render_table
     from harness.runner import run as run_spec
 
     spec = spec_mod.load(spec_path)
     if data_root is not None:
         spec["dataset"]["root"] = str(data_root)
-    out_dir = out_dir or Path("reports") / (spec["name"] + ("-smoke" if smoke else ""))
-    report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=list(cell_ids))
+    out_dir = out_dir or inside(Path("reports"), spec["name"] + ("-smoke" if smoke else ""), where="$.name")
+    try:
+        report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=list(cell_ids), fresh=fresh, force=force)
+    except Interrupted as exc:
+        again = ["harness", "run", str(spec_path), "--out", str(out_dir)]  # never --fresh: that would start over
+        again += (["--smoke"] if smoke else []) + (["--data-root", str(data_root)] if data_root else [])
+        again += [arg for cell_id in cell_ids for arg in ("--cell", cell_id)]
+        exc.fix = "resume with: " + " ".join(shlex.quote(a) for a in again)
+        raise
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
     render_table(report, console)

@@ -33,6 +33,9 @@ from harness.report import validate_report, write_json_atomic
 from harness.distributed import Distributed
 from harness.performance import Performance, Runtime
 from harness.train import steps_per_epoch, train
+from harness import checkpoint
+from harness.interrupt import InterruptGuard, TrainingStopped
+from harness.paths import check_dataset_root
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,14 @@ def collect_cells(out_dir: Path, spec: dict) -> list[dict]:
         if isinstance(cell, dict) and cell.get("spec_digest") == digest and cell.get("id") in order:
             found.append(cell)
     return sorted(found, key=lambda c: order[c["id"]])
+
+
+def merge_cells(found: list[dict], this_run: list[dict], spec: dict) -> list[dict]:
+    """The report's cells: those this run ran or kept, over the cell files of other jobs of the same spec."""
+    by_id = {c["id"]: c for c in found}
+    by_id.update({c["id"]: c for c in this_run})
+    order = {c.id: i for i, c in enumerate(plan(spec))}
+    return sorted(by_id.values(), key=lambda c: order.get(c["id"], len(order)))
 
 
 def pick_device(choice: str) -> torch.device:
@@ -136,7 +147,8 @@ def load_data(spec: dict, smoke: bool = False) -> DataSplits:
 
 
 def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Progress,
-             runtime: Runtime | None = None) -> dict | None:
+             runtime: Runtime | None = None, out_dir: Path | None = None,
+             guard: InterruptGuard | None = None) -> dict | None:
     seed_everything(spec["seed"])  # the same initialisation for every strength: cells differ only by strength
     model_cls = registry.load("model", cell.model["name"])
     model = model_cls(**cell.model["options"]).build(data.num_classes, data.input_shape).to(device)
@@ -149,17 +161,37 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     cfg = spec["training"]
     started = time.perf_counter()
 
-    task = progress.add_task(f"train {cell.id}", total=cfg["epochs"] * steps_per_epoch(data, cfg))
-    history = train(model, defense, data, cfg, device, spec["seed"], on_step=lambda: progress.advance(task),
-                    runtime=runtime)
+    # Checkpoints (harness.checkpoint): resume from OUT/checkpoints/<id>.pt when run() decided so, save every epoch
+    # (under torchrun every rank resumes from the same file and rank 0 alone writes it).
+    view = checkpoint.training_view(spec, cell.model, cell.strength)
+    ckpt_path = checkpoint.cell_paths(out_dir, cell.id)[1] if out_dir is not None else None
+    resume = checkpoint.load(ckpt_path) if ckpt_path is not None and ckpt_path.exists() else None
+    ident = {"cell": cell.id, "fingerprint": checkpoint.fingerprint(view), "spec": view}
+    writes = runtime is None or runtime.distributed is None or runtime.distributed.is_main
+    save = (lambda state: checkpoint.save(ckpt_path, {**state, **ident})) if ckpt_path is not None and writes else None
+    stop = guard.requested if guard is not None else None
+    done = 0 if resume is None else resume["epoch"] * steps_per_epoch(data, cfg) + resume["step"]
+
+    task = progress.add_task(f"train {cell.id}", total=cfg["epochs"] * steps_per_epoch(data, cfg), completed=done)
+    try:
+        history = train(model, defense, data, cfg, device, spec["seed"], on_step=lambda: progress.advance(task),
+                        runtime=runtime, resume=resume, on_checkpoint=save, should_stop=stop)
+    except TrainingStopped as exc:
+        raise guard.interrupted(f"cell {cell.id} stopped after step {exc.step} of epoch {exc.epoch}; "
+                                f"checkpoint written to {ckpt_path}") from None
     progress.update(task, visible=False)
     if runtime is not None and runtime.distributed is not None and not runtime.distributed.is_main:
         return None  # rank 0 evaluates and writes
 
+    def on_eval_batch() -> None:
+        progress.advance(task)
+        if guard is not None and guard.requested():
+            raise guard.interrupted(f"cell {cell.id} stopped while evaluating; its trained state is in {ckpt_path}")
+
     eval_bs = spec["evaluation"]["batch_size"]
     eval_batches = sum((len(s) + eval_bs - 1) // eval_bs for s in (data.train, data.test, *([data.test] * len(attacks))))
     task = progress.add_task(f"evaluate {cell.id}", total=eval_batches)
-    metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=lambda: progress.advance(task))
+    metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch)
     progress.update(task, visible=False)
     analysis = analyze_cell(model, data, spec, device)  # the paper's section 4 quantities; None when disabled
     return {
@@ -169,6 +201,8 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         "seconds": time.perf_counter() - started,
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history, "metrics": metrics, **({"analysis": analysis} if analysis is not None else {}),
+        "fingerprint": {"training": ident["fingerprint"], "evaluation": checkpoint.fingerprint(spec["evaluation"])},
+        **({"resumed_from": {"epoch": resume["epoch"], "step": resume["step"]}} if resume is not None else {}),
     }
 
 
@@ -177,16 +211,24 @@ def make_progress(console: Console) -> Progress:
                     TimeRemainingColumn(), console=console, transient=True)
 
 
-def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False,
-        cell_ids: list[str] | None = None) -> dict | None:
+def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cell_ids: list[str] | None = None,
+        fresh: bool = False, force: bool = False) -> dict | None:
     """Run every cell of a validated spec (or those of `cell_ids`); write cells/<id>.json and report.json under
-    out_dir; return the report, which holds every cell file of this spec found in out_dir/cells/. Under torchrun,
-    only rank 0 evaluates and writes; the other ranks return None."""
+    out_dir; return the report.
+
+    Cells finished under the same spec are skipped, interrupted ones resume from their checkpoints
+    (harness.checkpoint.plan_resume; `fresh` starts over, `force` resumes despite training-relevant changes).
+    The report holds this run's cells and every other cell file of the same spec in out_dir/cells/ (separate
+    `--cell` jobs merge). Under torchrun, only rank 0 evaluates and writes; the other ranks return None.
+    """
     smoke_overrides: list[dict] = []
     if smoke:
         spec, smoke_overrides = smoke_mod.apply(spec)
+    else:
+        check_dataset_root(spec)  # smoke mode replaces a missing dataset by stand-in data instead
     selected = select(plan(spec), cell_ids)
     device = pick_device(spec["device"])
+    decisions = checkpoint.plan_resume(spec, selected, out_dir, fresh=fresh, force=force)
     distributed = Distributed.from_env()
     if distributed is not None:
         distributed.check_batch_size(spec["training"]["batch_size"])
@@ -203,10 +245,19 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False,
     if data.stand_in:
         console.print("[yellow]stand-in data: synthetic images replace the real dataset; numbers are not results[/yellow]")
     cells = []
-    with make_progress(console) as progress:
+    with make_progress(console) as progress, InterruptGuard() as guard:
         for cell in selected:
+            result_path = checkpoint.cell_paths(out_dir, cell.id)[0]
+            if guard.requested():
+                raise guard.interrupted(f"stopped before cell {cell.id}")
+            if decisions[cell.id] == "skip":
+                cells.append(json.loads(result_path.read_text(encoding="utf-8")))
+                console.print(f"cell {cell.id}: finished earlier under the same spec, kept ({result_path})")
+                continue
+            if decisions[cell.id] == "resume":
+                console.print(f"cell {cell.id}: resuming from {checkpoint.cell_paths(out_dir, cell.id)[1]}")
             try:
-                result = run_cell(cell, spec, data, device, progress, runtime)
+                result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard)
             except RunFailure as exc:
                 console.print(f"[red]cell {cell.id} failed:[/red] {exc}")
                 result = {"id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
@@ -220,7 +271,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False,
                 reference = paper.compare(cell.model["paper_block"], cell.strength, result["metrics"])
                 if reference is not None:
                     result["paper"] = reference
-            write_json_atomic(out_dir / "cells" / f"{cell.id}.json", result)
+            write_json_atomic(result_path, result)
             cells.append(result)
             if result["status"] == "done":
                 m = result["metrics"]
@@ -241,7 +292,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False,
                  "notes": data.notes},
         "environment": dict(environment(device), performance=performance.describe(),
                             world_size=distributed.world_size if distributed is not None else 1),
-        "cells": collect_cells(out_dir, spec),
+        "cells": merge_cells(collect_cells(out_dir, spec), cells, spec),
     }
     if smoke:
         report["smoke_overrides"] = smoke_overrides

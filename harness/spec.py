@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -93,13 +94,29 @@ def schema_errors(instance: Any, schema: dict, prefix: str = "$") -> list[str]:
     return [_describe(e, prefix) for e in errors]
 
 
+def non_finite_numbers(instance: Any, parts: tuple = ()) -> list[str]:
+    """NaN and +-Infinity: Python's json module reads them, and JSON Schema's bounds let NaN through every one."""
+    if isinstance(instance, float) and not math.isfinite(instance):
+        return [f"{json_path(parts)}: {instance} is not a finite number (JSON has no NaN or Infinity)"]
+    if isinstance(instance, dict):
+        return [e for k, v in instance.items() for e in non_finite_numbers(v, parts + (k,))]
+    if isinstance(instance, list):
+        return [e for i, v in enumerate(instance) for e in non_finite_numbers(v, parts + (i,))]
+    return []
+
+
 def plugin_sites(spec: dict) -> list[PluginSite]:
     sites: list[PluginSite] = [("dataset", ["dataset"])]
-    sites += [("model", ["models", i]) for i in range(len(spec.get("models") or []))]
+    sites += [("model", ["models", i]) for i in range(len(_list_at(spec, ["models"])))]
     sites.append(("defense", ["defense"]))
-    attacks = (spec.get("evaluation") or {}).get("attacks") or []
-    sites += [("attack", ["evaluation", "attacks", i]) for i in range(len(attacks))]
+    sites += [("attack", ["evaluation", "attacks", i]) for i in range(len(_list_at(spec, ["evaluation", "attacks"])))]
     return sites
+
+
+def _list_at(spec: Any, keys: list[Any]) -> list:
+    """The list at `keys`, or [] when the spec has something else there (the schema reports that)."""
+    value = _get(spec, keys)
+    return value if isinstance(value, list) else []
 
 
 def _get(spec: Any, keys: list[Any]) -> Any:
@@ -127,7 +144,7 @@ def fill_defaults(instance: Any, schema: dict) -> Any:
 
 def validate(spec: Any) -> dict:
     """Validate a parsed spec completely; return it resolved (defaults filled) or raise one BadInput listing all errors."""
-    errors = schema_errors(spec, SPEC_SCHEMA)
+    errors = schema_errors(spec, SPEC_SCHEMA) + non_finite_numbers(spec)
     if not isinstance(spec, dict):
         raise BadInput("spec is not valid:\n  " + "\n  ".join(errors), fix="the spec must be a JSON object")
     for kind, keys in plugin_sites(spec):
@@ -149,7 +166,7 @@ def validate(spec: Any) -> dict:
         if isinstance(options, dict):
             errors += schema_errors(options, schema, prefix=f"{where}.options")
     for label_errors in (_duplicate_labels(spec.get("models"), "models"),
-                         _duplicate_labels((spec.get("evaluation") or {}).get("attacks"), "evaluation.attacks")):
+                         _duplicate_labels(_get(spec, ["evaluation", "attacks"]), "evaluation.attacks")):
         errors += label_errors
     if errors:
         raise BadInput(
@@ -184,6 +201,8 @@ def _duplicate_labels(items: Any, where: str) -> list[str]:
             continue
         if "eps" in item and not isinstance(item["eps"], (int, float)):
             continue
+        if "label" in item and not isinstance(item["label"], str):
+            continue  # the schema reports it
         label = default_label(item)
         if label in seen:
             errors.append(f"$.{where}[{i}]: label {label!r} repeats $.{where}[{seen[label]}]; "

@@ -9,8 +9,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from harness.checkpoint import restore_global_rng, resume_training, training_state
 from harness.data import batches, num_batches
 from harness.errors import RunFailure
+from harness.interrupt import TrainingStopped
 from harness.performance import Runtime
 from harness.plugin import DataSplits, DefensePlugin
 
@@ -49,24 +51,42 @@ def train(
     seed: int,
     on_step: Callable[[], None] | None = None,
     runtime: Runtime | None = None,
+    *,
+    resume: dict | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[dict]:
     """Train `model` in place for cfg['epochs'] epochs; return the per-epoch history.
 
     `runtime` (harness.performance) sets precision/layout/compilation and, under torchrun, DDP and the sharding
     of each batch over ranks; None trains exactly as the plain loop.
+    Checkpoints (harness.checkpoint): `on_checkpoint(state)` receives the full training state after every epoch;
+    when `should_stop()` turns true it receives the state at that step boundary and TrainingStopped is raised.
+    `resume` is such a state: training continues from it exactly (see harness.checkpoint for how).
     """
     runtime = runtime or Runtime()
     step_model = runtime.training_model(model)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg["schedule"])
     order = torch.Generator().manual_seed(seed)
-    history = []
-    for epoch in range(1, cfg["epochs"] + 1):
+    history, first_epoch, skip = [], 1, 0
+    if resume is not None:
+        history, first_epoch, skip = resume_training(resume, model, optimizer, scheduler, order)
+    for epoch in range(first_epoch, cfg["epochs"] + 1):
         model.train()
         started, total, seen = time.perf_counter(), 0.0, 0
         lr = optimizer.param_groups[0]["lr"]
-        for step, (x, y) in enumerate(runtime.batches(batches(data.train, cfg["batch_size"], device, transform=data.augment,
-                                              generator=order, max_batches=cfg["max_batches"])), start=1):
+        epoch_order = order.get_state()
+        steps = runtime.batches(batches(data.train, cfg["batch_size"], device, transform=data.augment,
+                                        generator=order, max_batches=cfg["max_batches"]))
+        if skip:  # resuming mid-epoch: replay the batches already trained on, then the saved RNG states
+            for _ in range(skip):
+                next(steps, None)
+            restore_global_rng(resume["rng"])
+            order.set_state(resume["rng"]["order"])
+            p = resume["partial"]
+            started, total, seen = started - p["seconds"], p["total"], p["seen"]
+        for step, (x, y) in enumerate(steps, start=skip + 1):
             loss = runtime.loss(defense, step_model, x, y)
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -78,10 +98,19 @@ def train(
             seen += len(y)
             if on_step is not None:
                 on_step()
+            if should_stop is not None and should_stop():
+                if on_checkpoint is not None:
+                    partial = {"total": total, "seen": seen, "seconds": time.perf_counter() - started}
+                    on_checkpoint(training_state(model, optimizer, scheduler, order, epoch - 1, step, history,
+                                                 epoch_order, partial))
+                raise TrainingStopped(epoch, step)
+        skip = 0
         scheduler.step()
         total, seen = runtime.epoch_totals(total, seen)
         history.append({"epoch": epoch, "lr": lr, "train_objective": total / max(seen, 1),
                         "seconds": time.perf_counter() - started})
+        if on_checkpoint is not None:
+            on_checkpoint(training_state(model, optimizer, scheduler, order, epoch, 0, history, order.get_state()))
     return history
 
 

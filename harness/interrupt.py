@@ -1,0 +1,69 @@
+"""SIGINT and SIGTERM during a run: finish the current step, write a checkpoint, say how to resume, exit 128+signal.
+
+`InterruptGuard` replaces the two handlers while a run is in progress. A signal only sets a flag; the training
+loop polls it at every step boundary (never mid-step), hands a checkpoint over and stops; evaluation polls it at
+every batch (the cell's final training checkpoint is already written, so a resume re-evaluates it). A second
+SIGINT while the first is being honoured raises KeyboardInterrupt at once, as an impatient Ctrl-C expects.
+Exit codes follow the shell's convention: 130 for SIGINT, 143 for SIGTERM.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from harness.errors import HarnessError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(HarnessError):
+    """The run was stopped by a signal after writing a checkpoint. Exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str, *, fix: str | None = None):
+        super().__init__(message, fix=fix)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+
+
+class InterruptGuard:
+    """Context manager: while active, SIGINT/SIGTERM set `signum` instead of killing the process."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "InterruptGuard":
+        if threading.current_thread() is threading.main_thread():  # signal.signal only works there
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint of this step
+        self.signum = signum
+        sys.stderr.write(f"\n{signal.Signals(signum).name} received: stopping at the next step boundary "
+                         "and writing a checkpoint\n")
+        sys.stderr.flush()
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def interrupted(self, where: str) -> Interrupted:
+        name = signal.Signals(self.signum).name
+        return Interrupted(self.signum, f"interrupted by {name}: {where}")
+
+
+class TrainingStopped(Exception):
+    """Training stopped at a step boundary because it was asked to (a signal); a checkpoint was handed over."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"training stopped after epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step

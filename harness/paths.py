@@ -1,0 +1,46 @@
+"""Paths built from strings in a spec (the run's name, model labels, cell ids) and paths a spec names.
+
+The schema already restricts `name` and `label` to `[A-Za-z0-9][A-Za-z0-9_.+@-]*`, but the runner can be called
+with a spec that never went through the CLI, so every path made from a spec string goes through `safe_component`
+and `inside`: no separator, no `..`, no absolute path, no NUL can move a file outside its output folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from harness.errors import BadInput
+
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,127}")
+
+
+def safe_component(value: object, where: str) -> str:
+    """`value` as one file-name component, or BadInput naming `where` (a JSON path) when it is not one."""
+    if not isinstance(value, str) or not _SAFE.fullmatch(value) or ".." in value:
+        raise BadInput(f"{where}: {value!r} cannot name a file: use letters, digits and _ . + @ - only, starting "
+                       "with a letter or digit, without '..' (no path separators, no absolute paths)",
+                       fix=f"rename it at {where}")
+    return value
+
+
+def inside(base: Path, *components: str, where: str = "$") -> Path:
+    """base/components..., each checked by safe_component, and verified to resolve inside base."""
+    path = base.joinpath(*(safe_component(c, where) for c in components))
+    if not path.resolve().is_relative_to(base.resolve()):
+        raise BadInput(f"{where}: {path} would lie outside {base}", fix=f"rename it at {where}")
+    return path
+
+
+def check_dataset_root(spec: dict) -> None:
+    """A dataset root the spec names must exist, unless the dataset may download into it."""
+    ds = spec["dataset"]
+    root = ds.get("root")
+    if root is None or ds.get("download"):
+        return
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise BadInput(f"$.dataset.root: folder {str(path)!r} does not exist",
+                       fix="give the folder holding the data, or set \"download\": true to let the plugin fetch it")
+    if not path.is_dir():
+        raise BadInput(f"$.dataset.root: {str(path)!r} is a file, not a folder", fix="give the folder holding the data")

@@ -1,0 +1,132 @@
+"""Signals and crashes: a real `python -m harness run` stopped by SIGTERM resumes to completion; SIGINT exits 130;
+a crash in one cell leaves the finished cells' results intact."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from harness import checkpoint, runner
+from harness.cli import cli
+from harness.interrupt import InterruptGuard
+
+from conftest import REPO
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert "Traceback" not in result.output
+    return result
+
+
+def harness(*args, cwd):
+    env = dict(os.environ, GIT_PYTHON_REFRESH="quiet", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_to_a_real_run_checkpoints_and_resumes(tiny_spec, tmp_path):
+    epochs = 20  # one step each: long enough after the first checkpoint for the signal to land mid-run
+    tiny_spec["dataset"].update(max_train=64, max_test=32)
+    tiny_spec["defense"].update(name="none", strengths=[0], options={})
+    tiny_spec["training"].update(epochs=epochs, batch_size=32, max_batches=1)
+    tiny_spec["evaluation"]["attacks"][0]["options"] = {"steps": 1, "step_size": 16}
+    (tmp_path / "spec.json").write_text(json.dumps(tiny_spec))
+    ckpt = tmp_path / "out" / "checkpoints" / "lenet__s0.pt"
+
+    proc = harness("run", "spec.json", "--out", "out", cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not ckpt.exists():  # the first checkpoint means the guard is installed and training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout + stderr
+    assert "SIGTERM received" in stderr and "interrupted by SIGTERM: cell lenet__s0 stopped after step" in stderr
+    assert "resume with: harness run spec.json --out out" in stderr and "Traceback" not in stderr
+    state = checkpoint.load(ckpt)
+    assert 1 <= state["epoch"] < epochs and len(state["history"]) == state["epoch"]
+    assert not (tmp_path / "out" / "cells" / "lenet__s0.json").exists()
+
+    proc = harness("run", "spec.json", "--out", "out", cwd=tmp_path)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    cell = json.loads((tmp_path / "out" / "cells" / "lenet__s0.json").read_text())
+    assert cell["status"] == "done" and cell["resumed_from"] == {"epoch": state["epoch"], "step": state["step"]}
+    assert [h["epoch"] for h in cell["history"]] == list(range(1, epochs + 1))
+
+    # the same spec without interruption, in this process: the same parameters to the bit
+    assert invoke("run", tmp_path / "spec.json", "--out", tmp_path / "straight").exit_code == 0
+    a = checkpoint.load(ckpt)["model"]
+    b = checkpoint.load(tmp_path / "straight" / "checkpoints" / "lenet__s0.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_sigint_writes_a_checkpoint_and_exits_130(tiny_spec, write_spec, tmp_path, monkeypatch):
+    tiny_spec["defense"]["strengths"] = [0, 32]
+    tiny_spec["training"].update(epochs=2, max_batches=2)
+    real_save = checkpoint.save
+    saved = []
+
+    def save_then_sigint(path, state):
+        real_save(path, state)
+        saved.append((path.name, state["epoch"], state["step"]))
+        if len(saved) == 1:
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C would: handled by the guard, no KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_sigint)
+    result = invoke("run", write_spec(tiny_spec), "--out", tmp_path / "out")
+    assert result.exit_code == 130, result.output
+    assert saved == [("lenet__s0.pt", 1, 0), ("lenet__s0.pt", 1, 1)]
+    assert "interrupted by SIGINT" in result.output and "resume with: harness run" in result.output
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the guard restores the handlers"
+
+
+def test_second_sigint_stops_at_once():
+    with pytest.raises(KeyboardInterrupt), InterruptGuard() as guard:
+        signal.raise_signal(signal.SIGINT)
+        assert guard.requested()
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_crash_in_one_cell_keeps_finished_cells(tiny_spec, write_spec, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    tiny_spec["training"]["max_batches"] = 2
+    real_evaluate, calls = runner.evaluate, []
+
+    def crash_on_second_cell(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")  # not a harness error
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", crash_on_second_cell)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        CliRunner().invoke(cli, ["run", str(write_spec(tiny_spec)), "--out", str(out)], catch_exceptions=False)
+    first = (out / "cells" / "lenet__s0.json").read_bytes()
+    assert json.loads(first)["status"] == "done"
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["lenet__s0.json"], "no half-written files"
+    assert not (out / "report.json").exists()
+
+    monkeypatch.setattr(runner, "evaluate", real_evaluate)
+    result = invoke("run", write_spec(tiny_spec), "--out", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "cells" / "lenet__s0.json").read_bytes() == first, "a finished cell is never rewritten"
+    second = json.loads((out / "cells" / "lenet__s32.json").read_text())
+    assert second["status"] == "done" and second["resumed_from"] == {"epoch": 1, "step": 0}  # trained already
+    assert [c["id"] for c in json.loads((out / "report.json").read_text())["cells"]] == ["lenet__s0", "lenet__s32"]

@@ -1,0 +1,189 @@
+"""Safe loading and paths, a missing dataset root, and misbehaving third-party plugins (registered through real
+entry points of a distribution put on sys.path for the test): a non-finite loss keeps the last good checkpoint,
+an attack leaving its eps-ball fails by name, a plugin that raises on import is named; other cells go on."""
+
+import ast
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+from rich.console import Console
+
+from harness import checkpoint, spec as spec_mod
+from harness.cli import cli
+from harness.errors import BadInput
+from harness.paths import inside, safe_component
+from harness.runner import run
+
+from conftest import REPO
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_every_torch_load_is_weights_only():
+    """AST scan of the source tree: each call of torch.load (or a bare `load` imported from torch) passes
+    weights_only=True literally."""
+    offenders, calls = [], 0
+    for path in [*REPO.glob("harness/**/*.py"), *REPO.glob("plugins/**/*.py"), *REPO.glob("tests/**/*.py")]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        bare = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "torch"
+                for a in n.names if a.name == "load"}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            is_torch_load = (isinstance(f, ast.Attribute) and f.attr == "load" and isinstance(f.value, ast.Name)
+                             and f.value.id == "torch") or (isinstance(f, ast.Name) and f.id in bare)
+            if not is_torch_load:
+                continue
+            calls += 1
+            if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                       for k in node.keywords):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert calls >= 1, "the scan must see harness.checkpoint's torch.load"
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/../../b", "/etc/passwd", "a/b", "a\\b", "", ".hidden", "x\x00y",
+                                  "C:\\x", "~root", 7, None])
+def test_names_cannot_leave_their_folder(tmp_path, name):
+    with pytest.raises(BadInput, match=r"\$\.models\[0\]\.label"):
+        safe_component(name, "$.models[0].label")
+    if isinstance(name, str):
+        with pytest.raises(BadInput):
+            inside(tmp_path, "cells", name, where="$.name")
+
+
+def test_safe_names_pass(tmp_path):
+    for name in ["LeNet+SP__s0", "resnet-18__s76.5", "PGD-10@32", "tiny"]:
+        assert inside(tmp_path, name) == tmp_path / name
+
+
+def test_runner_sanitizes_labels_that_skipped_validation(tiny_spec, tmp_path):
+    spec = spec_mod.validate(tiny_spec)
+    spec["models"][0]["label"] = "../../escaped"  # a caller that built the dict itself
+    with pytest.raises(BadInput, match="cannot name a file"):
+        run(spec, tmp_path / "out", Console(quiet=True))
+    assert not list(tmp_path.rglob("*escaped*"))
+
+
+def test_dataset_root_that_does_not_exist(tiny_spec, write_spec, tmp_path):
+    tiny_spec["dataset"]["root"] = str(tmp_path / "nowhere")
+    result = invoke("run", write_spec(tiny_spec), "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "$.dataset.root" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ misbehaving plugins
+
+PLUGINS = '''
+import torch
+import torch.nn.functional as F
+from harness.plugin import AttackPlugin, DefensePlugin
+
+CALLS = {"perturb": 0}
+
+
+class ExplodeAtEpoch2(DefensePlugin):
+    """Cross-entropy, but infinite from the 5th batch on at a positive strength (epoch 2 with 4 steps per epoch)."""
+
+    def __init__(self, eps):
+        super().__init__(eps)
+        self.calls = 0
+
+    def loss(self, model, x, y):
+        self.calls += 1
+        loss = F.cross_entropy(model(x), y)
+        return loss * float("inf") if self.eps > 0 and self.calls >= 5 else loss
+
+
+class LeavesTheBall(AttackPlugin):
+    """Fine for the first cell; from then on it moves images by 3 eps (a broken projection)."""
+
+    def perturb(self, model, x, y):
+        CALLS["perturb"] += 1
+        step = self.eps if CALLS["perturb"] == 1 else 3 * self.eps
+        return (x + step * torch.sign(torch.randn_like(x))).clamp(0, 1)
+'''
+
+
+@pytest.fixture
+def evil_plugins(tmp_path, monkeypatch):
+    """A distribution `evil-plugins` on sys.path: found by importlib.metadata exactly as an installed one is."""
+    site = tmp_path / "site"
+    (site / "evil_plugins-0.1.dist-info").mkdir(parents=True)
+    (site / "evil_plugins.py").write_text(textwrap.dedent(PLUGINS))
+    (site / "evil_broken.py").write_text("raise RuntimeError('evil-plugins needs a GPU driver from 2031')\n")
+    (site / "evil_plugins-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: evil-plugins\n"
+                                                                 "Version: 0.1\n")
+    (site / "evil_plugins-0.1.dist-info" / "entry_points.txt").write_text(
+        "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\n\n"
+        "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\n\n"
+        "[harness.models]\nbroken = evil_broken:Net\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield
+    for name in ("evil_plugins", "evil_broken"):
+        sys.modules.pop(name, None)
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(evil_plugins, tiny_spec, write_spec, tmp_path):
+    out = tmp_path / "out"
+    tiny_spec["dataset"]["max_train"] = 128
+    tiny_spec["defense"] = {"name": "explode", "strengths": [0, 8]}
+    tiny_spec["training"].update(epochs=2, batch_size=32)  # 4 steps per epoch
+    result = invoke("run", write_spec(tiny_spec), "--out", out)
+    assert result.exit_code == 1
+    assert "training loss became inf at epoch 2, step 1" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [c["status"] for c in report["cells"]] == ["done", "failed"]
+    assert "epoch 2, step 1" in report["cells"][1]["error"]
+    last_good = checkpoint.load(out / "checkpoints" / "lenet__s8.pt")
+    assert (last_good["epoch"], last_good["step"], len(last_good["history"])) == (1, 0, 1)
+
+    # Again: the done cell is kept; the failed one resumes from epoch 1 with a fresh defense instance, whose
+    # 4 good steps now finish epoch 2.
+    again = invoke("run", write_spec(tiny_spec), "--out", out)
+    assert "cell lenet__s0: finished earlier" in again.output and "cell lenet__s8: resuming from" in again.output
+    assert again.exit_code == 0, again.output
+    cell = json.loads((out / "cells" / "lenet__s8.json").read_text())
+    assert cell["resumed_from"] == {"epoch": 1, "step": 0} and [h["epoch"] for h in cell["history"]] == [1, 2]
+
+
+def test_attack_outside_its_ball_fails_by_name_and_other_cells_stay(evil_plugins, tiny_spec, write_spec, tmp_path):
+    out = tmp_path / "out"
+    tiny_spec["training"]["max_batches"] = 1
+    tiny_spec["evaluation"]["attacks"] = [{"name": "leaves-ball", "label": "evil", "eps": 8}]
+    result = invoke("run", write_spec(tiny_spec), "--out", out)
+    assert result.exit_code == 1
+    report = json.loads((out / "report.json").read_text())
+    first, second = report["cells"]
+    assert first["status"] == "done" and first["metrics"]["attacks"]["evil"]["eps"] == 8
+    assert second["status"] == "failed" and "attack 'evil' moved an image by 24/255" in second["error"]
+    assert "outside its eps-ball of 8/255" in second["error"]
+    assert json.loads((out / "cells" / "lenet__s0.json").read_text()) == first
+
+
+def test_plugin_raising_on_import_is_named(evil_plugins, tiny_spec, write_spec):
+    tiny_spec["models"] = [{"name": "broken"}]
+    for command in ("validate", "run"):
+        result = invoke(command, write_spec(tiny_spec))
+        assert result.exit_code == 2
+        assert "$.models[0].name: model plugin 'broken' (evil_broken:Net, from evil-plugins 0.1) failed to load" \
+            in result.output
+        assert "needs a GPU driver from 2031" in result.output
