@@ -108,7 +108,8 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     eval_bs = spec["evaluation"]["batch_size"]
     eval_batches = sum((len(s) + eval_bs - 1) // eval_bs for s in (data.train, data.test, *([data.test] * len(attacks))))
     task = progress.add_task(f"evaluate {cell.id}", total=eval_batches)
-    metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=lambda: progress.advance(task))
+    metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=lambda: progress.advance(task),
+                       checks=spec["evaluation"].get("checks"))
     progress.update(task, visible=False)
     return {
         "id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
@@ -148,6 +149,10 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False) -> 
                 m = result["metrics"]
                 console.print(f"cell {cell.id}: acc {m['clean_acc']:.2f}%  GE {m['ge']:.4f}  "
                               f"PGD {m['pgd_acc']:.2f}%  ({result['seconds']:.1f} s)")
+                for flag, value in (m.get("checks") or {}).get("flags", {}).items():
+                    if value["ok"] is False:
+                        console.print(f"[yellow]cell {cell.id}: check {flag} raised:[/yellow] {value['detail']}",
+                                      highlight=False)
     report = {
         "schema_version": 1,
         "harness_version": harness.__version__,

@@ -99,6 +99,9 @@ def plugin_sites(spec: dict) -> list[PluginSite]:
     sites.append(("defense", ["defense"]))
     attacks = (spec.get("evaluation") or {}).get("attacks") or []
     sites += [("attack", ["evaluation", "attacks", i]) for i in range(len(attacks))]
+    checks = (spec.get("evaluation") or {}).get("checks")
+    if isinstance(checks, dict) and isinstance(checks.get("gradient_free"), dict):
+        sites.append(("attack", ["evaluation", "checks", "gradient_free"]))
     return sites
 
 
