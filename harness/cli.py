@@ -61,12 +61,34 @@ def run(spec_path: Path, out_dir: Path | None) -> None:
     out_dir = out_dir or Path("reports") / spec["name"]
     report = run_spec(spec, out_dir, console)
     render_table(report, console)
+    from harness.report import render_attack_table
+
+    render_attack_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
     failed = [c["id"] for c in report["cells"] if c["status"] != "done"]
     if failed:
         err_console.print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see report.json)",
                           style="red", markup=False)
         sys.exit(1)
+
+
+@cli.command("eval")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--weights", required=True, type=click.Path(path_type=Path),
+              help="A state_dict saved with torch.save; read with torch.load(weights_only=True).")
+@click.option("--model", "model_label", help="The label of the spec's model to load into (default: the first).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Output folder (default: reports/<spec name>-eval/).")
+def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path | None) -> None:
+    """Evaluate existing WEIGHTS with SPEC's dataset, model, attacks and checks, without training."""
+    from harness.checkpoint import evaluate_checkpoint, read_spec
+    from harness.report import render_attack_table
+
+    spec = read_spec(spec_path)
+    out_dir = out_dir or Path("reports") / f"{spec['name']}-eval"
+    report = evaluate_checkpoint(spec, weights, out_dir, console, model_label)
+    render_attack_table(report, console)
+    console.print(f"report: {out_dir / 'report.json'}")
 
 
 @cli.command()
