@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -135,6 +136,7 @@ def per_sample_robust(model: nn.Module, entry: dict, attack: AttackPlugin, split
                       on_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Per-sample robustness at the attack's eps and the attack's report entry (acc, and a curve if minimal-norm)."""
     n = max(len(clean_correct), 1)
+    started = time.perf_counter()
     result: dict = {"name": entry["name"], "eps": entry["eps"]}
     if is_minimal_norm(attack):
         dist = minimal_distances(model, attack, entry["label"], split, clean_correct, data, batch_size, device,
@@ -151,6 +153,7 @@ def per_sample_robust(model: nn.Module, entry: dict, attack: AttackPlugin, split
                                      on_batch)
         result["kind"] = "fixed-eps"
     result["acc"] = 100.0 * float(robust.sum()) / n
+    result["seconds"] = time.perf_counter() - started
     return robust, result
 
 
