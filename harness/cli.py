@@ -108,7 +108,9 @@ def plugins() -> None:
     """List every plugin of every group with the distribution providing it; try loading each."""
     table = Table(title="harness plugins", title_justify="left")
     for col in ("group", "name", "provided by", "target", "status"):
-        table.add_column(col, overflow="fold")
+        # group names whole (the tests and users grep them); long plugin names fold instead
+        table.add_column(col, overflow="fold", min_width=16 if col == "group" else None,
+                         max_width=12 if col == "name" else None)
     failures = []
     for kind in registry.KINDS:
         for name, claims in registry.discover(kind).items():

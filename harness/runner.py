@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import harness
@@ -151,8 +152,8 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False) -> 
                               f"PGD {m['pgd_acc']:.2f}%  ({result['seconds']:.1f} s)")
                 for flag, value in (m.get("checks") or {}).get("flags", {}).items():
                     if value["ok"] is False:
-                        console.print(f"[yellow]cell {cell.id}: check {flag} raised:[/yellow] {value['detail']}",
-                                      highlight=False)
+                        console.print(f"[yellow]cell {cell.id}: check {flag} raised:[/yellow] "
+                                      f"{rich_escape(value['detail'])}", highlight=False)
     report = {
         "schema_version": 1,
         "harness_version": harness.__version__,
