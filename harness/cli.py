@@ -108,9 +108,7 @@ def plugins() -> None:
     """List every plugin of every group with the distribution providing it; try loading each."""
     table = Table(title="harness plugins", title_justify="left")
     for col in ("group", "name", "provided by", "target", "status"):
-        # group names whole (the tests and users grep them); long plugin names fold instead
-        table.add_column(col, overflow="fold", min_width=16 if col == "group" else None,
-                         max_width=12 if col == "name" else None)
+        table.add_column(col, overflow="fold", min_width=16 if col == "group" else None)  # group names whole
     failures = []
     for kind in registry.KINDS:
         for name, claims in registry.discover(kind).items():
@@ -122,7 +120,8 @@ def plugins() -> None:
                 failures.append(exc.message)
             for info in claims:
                 table.add_row(registry.GROUPS[kind], name, info.provider, info.target, status)
-    console.print(table)
+    # piped output (grep, tests) gets a wide table: rich's 80-column default would fold names mid-word
+    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
     for message in failures:
         console.print(f"failed: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
 
