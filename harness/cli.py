@@ -81,7 +81,7 @@ def run(spec_path: Path, out_dir: Path | None) -> None:
               help="Output folder (default: reports/<spec name>-eval/).")
 def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path | None) -> None:
     """Evaluate existing WEIGHTS with SPEC's dataset, model, attacks and checks, without training."""
-    from harness.checkpoint import evaluate_checkpoint, read_spec
+    from harness.weights import evaluate_checkpoint, read_spec
     from harness.report import render_attack_table
 
     spec = read_spec(spec_path)

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from harness import registry, spec as spec_mod
-from harness.checkpoint import NO_TRAINING
+from harness.weights import NO_TRAINING
 from harness.cli import cli
 from harness.evaluate import evaluate
 from harness.report import validate_report
