@@ -94,6 +94,9 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
     render_table(report, console)
+    from harness.report import render_attack_table
+
+    render_attack_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
     _write_figures(report, out_dir)
     failed = [c["id"] for c in report["cells"] if c["status"] != "done"]
@@ -101,6 +104,25 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
         err_console.print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see report.json)",
                           style="red", markup=False)
         sys.exit(1)
+
+
+@cli.command("eval")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--weights", required=True, type=click.Path(path_type=Path),
+              help="A state_dict saved with torch.save; read with torch.load(weights_only=True).")
+@click.option("--model", "model_label", help="The label of the spec's model to load into (default: the first).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Output folder (default: reports/<spec name>-eval/).")
+def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path | None) -> None:
+    """Evaluate existing WEIGHTS with SPEC's dataset, model, attacks and checks, without training."""
+    from harness.weights import evaluate_checkpoint, read_spec
+    from harness.report import render_attack_table
+
+    spec = read_spec(spec_path)
+    out_dir = out_dir or Path("reports") / f"{spec['name']}-eval"
+    report = evaluate_checkpoint(spec, weights, out_dir, console, model_label)
+    render_attack_table(report, console)
+    console.print(f"report: {out_dir / 'report.json'}")
 
 
 @cli.command()
@@ -190,7 +212,7 @@ def plugins() -> None:
     """List every plugin of every group with the distribution providing it; try loading each."""
     table = Table(title="harness plugins", title_justify="left")
     for col in ("group", "name", "provided by", "target", "status"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", min_width=16 if col == "group" else None)  # group names whole
     failures = []
     for kind in registry.KINDS:
         for name, claims in registry.discover(kind).items():
@@ -202,7 +224,8 @@ def plugins() -> None:
                 failures.append(exc.message)
             for info in claims:
                 table.add_row(registry.GROUPS[kind], name, info.provider, info.target, status)
-    console.print(table)
+    # piped output (grep, tests) gets a wide table: rich's 80-column default would fold names mid-word
+    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
     for message in failures:
         console.print(f"failed: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
 

@@ -3,11 +3,17 @@
 - clean accuracy on the test split;
 - clean cross-entropy over the whole train and test splits, in eval mode, without augmentation; GE = test - train;
 - adversarial accuracy per attack counted over *all* test samples: only correctly classified samples are
-  attacked, and a sample misclassified when clean counts as wrong.
+  attacked, and a sample misclassified when clean counts as wrong;
+- the per-sample worst case over all attacks at the same eps (`worst_case`, `robust_acc`): a sample counts as
+  robust only if every attack failed on it;
+- for minimal-norm attacks (an optional `minimal_perturb` method, see harness.plugin.AttackPlugin) the accuracy
+  at every eps of a curve, from the per-sample distances of one run;
+- the sanity checks of harness.checks on a small subset, when the spec enables them.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -84,8 +90,89 @@ def adversarial_correct(model: nn.Module, attack: AttackPlugin, label: str, spli
     return robust
 
 
+def is_minimal_norm(attack: AttackPlugin) -> bool:
+    return callable(getattr(attack, "minimal_perturb", None))
+
+
+def minimal_distances(model: nn.Module, attack: AttackPlugin, label: str, split: Split, clean_correct: torch.Tensor,
+                      data: DataSplits, batch_size: int, device: torch.device,
+                      on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """Per-sample Linf distance (in [0, 1] units, on CPU) to the closest adversarial example the attack found.
+
+    0 for samples misclassified when clean, inf where the attack found none. The harness measures the distances
+    itself and counts an example only if the model really misclassifies it, so an attack cannot overstate.
+    """
+    dist = torch.zeros(len(clean_correct))
+    offset = 0
+    for x, y in batches(split, batch_size, device, transform=data.eval_transform):
+        n = len(y)
+        mask = clean_correct[offset:offset + n].to(device)
+        if mask.any():
+            xs, ys = x[mask], y[mask]
+            with adversary_mode(model):
+                x_adv = attack.minimal_perturb(model, xs, ys)
+            check_adversary(label, xs, x_adv, float("inf"))  # no ball: shape, finite, inside [0, 1]
+            with torch.no_grad():
+                fooled = (model(x_adv).argmax(1) != ys).cpu()
+            d = (x_adv - xs).flatten(1).abs().amax(1).cpu()
+            d[~fooled] = float("inf")
+            dist[torch.nonzero(mask.cpu()).squeeze(1) + offset] = d
+        offset += n
+        if on_batch is not None:
+            on_batch()
+    return dist
+
+
+def curve_grid(entry: dict) -> list[float]:
+    """The eps grid (0-255 scale) of a minimal-norm attack's curve: the spec's, else 9 points from 0 to 2 eps."""
+    if entry.get("curve"):
+        return sorted(float(e) for e in entry["curve"])
+    top = min(2.0 * float(entry["eps"]), 255.0)
+    return sorted({round(top * k / 8, 6) for k in range(9)})
+
+
+def per_sample_robust(model: nn.Module, entry: dict, attack: AttackPlugin, split: Split, clean_correct: torch.Tensor,
+                      data: DataSplits, batch_size: int, device: torch.device,
+                      on_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """Per-sample robustness at the attack's eps and the attack's report entry (acc, and a curve if minimal-norm)."""
+    n = max(len(clean_correct), 1)
+    started = time.perf_counter()
+    result: dict = {"name": entry["name"], "eps": entry["eps"]}
+    if is_minimal_norm(attack):
+        dist = minimal_distances(model, attack, entry["label"], split, clean_correct, data, batch_size, device,
+                                 on_batch)
+        robust = dist > attack.eps
+        grid = curve_grid(entry)
+        found = dist[clean_correct]
+        median = float(found.median()) * 255 if len(found) else None
+        result.update(kind="minimal-norm",
+                      curve={"eps": grid, "acc": [100.0 * float((dist > e / 255.0).sum()) / n for e in grid]},
+                      median_distance=median if median is not None and median != float("inf") else None)
+    else:
+        robust = adversarial_correct(model, attack, entry["label"], split, clean_correct, data, batch_size, device,
+                                     on_batch)
+        result["kind"] = "fixed-eps"
+    result["acc"] = 100.0 * float(robust.sum()) / n
+    result["seconds"] = time.perf_counter() - started
+    return robust, result
+
+
+def worst_case(entries: list[dict], robust: dict[str, torch.Tensor], n: int) -> dict:
+    """Per eps (0-255 scale, as a string key): accuracy when a sample must survive every attack at that eps."""
+    out: dict[str, dict] = {}
+    for entry in entries:
+        key = f"{float(entry['eps']):g}"
+        slot = out.setdefault(key, {"attacks": [], "_robust": None})
+        slot["attacks"].append(entry["label"])
+        r = robust[entry["label"]]
+        slot["_robust"] = r.clone() if slot["_robust"] is None else slot["_robust"] & r
+    for slot in out.values():
+        slot["acc"] = 100.0 * float(slot.pop("_robust").sum()) / max(n, 1)
+    return out
+
+
 def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, AttackPlugin]], batch_size: int,
-             device: torch.device, on_batch: Callable[[], None] | None = None) -> dict:
+             device: torch.device, on_batch: Callable[[], None] | None = None, checks: dict | None = None) -> dict:
     """The metrics of one cell (accuracies in percent, as the paper prints them)."""
     train_loss, _ = clean_pass(model, data.train, data, batch_size, device, on_batch)
     test_loss, correct = clean_pass(model, data.test, data, batch_size, device, on_batch)
@@ -97,11 +184,16 @@ def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Attac
         "ge": test_loss - train_loss,
         "attacks": {},
     }
+    per_sample = {}
     for entry, attack in attacks:
-        robust = adversarial_correct(model, attack, entry["label"], data.test, correct, data, batch_size, device,
-                                     on_batch)
-        metrics["attacks"][entry["label"]] = {"name": entry["name"], "eps": entry["eps"],
-                                              "acc": 100.0 * float(robust.sum()) / n}
+        per_sample[entry["label"]], metrics["attacks"][entry["label"]] = per_sample_robust(
+            model, entry, attack, data.test, correct, data, batch_size, device, on_batch)
     first = attacks[0][0]["label"] if attacks else None
     metrics["pgd_acc"] = metrics["attacks"][first]["acc"] if first else None
+    metrics["worst_case"] = worst_case([e for e, _ in attacks], per_sample, len(correct))
+    metrics["robust_acc"] = metrics["worst_case"][f"{float(attacks[0][0]['eps']):g}"]["acc"] if attacks else None
+    if checks is not None and checks.get("enabled", True) and attacks:
+        from harness.checks import run_checks
+
+        metrics["checks"] = run_checks(model, data, attacks, checks, batch_size, device)
     return metrics

@@ -123,6 +123,12 @@ class AttackPlugin(Plugin):
 
     The harness calls `perturb` inside `adversary_mode(model)` and checks every result itself: inside the
     eps-ball, inside [0, 1], finite. An attack that breaks this contract fails the evaluation by name.
+
+    Optional, for minimal-norm attacks: `minimal_perturb(model, x, y) -> x_adv`, the closest adversarial example
+    found at any distance (x itself where none was found). The harness then measures each Linf distance, keeps
+    only examples the model misclassifies, and reports accuracy at every eps of a curve from one run.
+    Optional class attribute `gradient_free = True` marks an attack that uses no gradients (the gradient-masking
+    check of harness.checks compares it against the gradient-based ones).
     """
 
     def __init__(self, eps: float, **options):

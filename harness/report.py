@@ -92,3 +92,32 @@ def render_table(report: dict, console: Console) -> None:
     if report.get("smoke"):
         console.print(f"[bold yellow]SMOKE RUN{' on STAND-IN synthetic data' if stand_in else ''}: a pipeline check "
                       "with capped sizes, not a result[/bold yellow]")
+
+
+def render_attack_table(report: dict, console: Console) -> None:
+    """A row per cell, a column per attack, the per-sample worst case, and the sanity checks that were raised."""
+    cells = [c for c in report["cells"] if c["status"] == "done"]
+    if not cells:
+        return
+    labels = list(cells[0]["metrics"]["attacks"])
+    table = Table(title="attacks (accuracy in %; worst case: a sample must survive every attack at that eps)",
+                  title_justify="left")
+    table.add_column("cell")
+    for label in labels:
+        table.add_column(label, justify="right")
+    table.add_column("worst case", justify="right")
+    table.add_column("checks raised")
+    for cell in cells:
+        m = cell["metrics"]
+        worst = " / ".join(f"{v['acc']:.2f}@{eps}" for eps, v in (m.get("worst_case") or {}).items())
+        checks = m.get("checks")
+        raised = "not run" if checks is None else (
+            ", ".join(k for k, v in checks["flags"].items() if v["ok"] is False) or "none")
+        table.add_row(cell["id"], *(f"{m['attacks'][lab]['acc']:.2f}" if lab in m["attacks"] else "" for lab in labels),
+                      worst, raised)
+    console.print(table)
+    for cell in cells:
+        for label, entry in cell["metrics"]["attacks"].items():
+            if "curve" in entry:
+                points = "  ".join(f"{e:g}: {a:.1f}" for e, a in zip(entry["curve"]["eps"], entry["curve"]["acc"]))
+                console.print(f"{cell['id']} {label} curve (eps: acc %)  {points}", highlight=False)

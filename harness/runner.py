@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import harness
@@ -191,7 +192,8 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     eval_bs = spec["evaluation"]["batch_size"]
     eval_batches = sum((len(s) + eval_bs - 1) // eval_bs for s in (data.train, data.test, *([data.test] * len(attacks))))
     task = progress.add_task(f"evaluate {cell.id}", total=eval_batches)
-    metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch)
+    metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch,
+                       checks=spec["evaluation"].get("checks"))
     progress.update(task, visible=False)
     analysis = analyze_cell(model, data, spec, device)  # the paper's section 4 quantities; None when disabled
     return {
@@ -277,6 +279,10 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                 m = result["metrics"]
                 console.print(f"cell {cell.id}: acc {m['clean_acc']:.2f}%  GE {m['ge']:.4f}  "
                               f"PGD {m['pgd_acc']:.2f}%  ({result['seconds']:.1f} s)")
+                for flag, value in (m.get("checks") or {}).get("flags", {}).items():
+                    if value["ok"] is False:
+                        console.print(f"[yellow]cell {cell.id}: check {flag} raised:[/yellow] "
+                                      f"{rich_escape(value['detail'])}", highlight=False)
     if distributed is not None:
         distributed.shutdown()
         if not distributed.is_main:

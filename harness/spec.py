@@ -110,6 +110,9 @@ def plugin_sites(spec: dict) -> list[PluginSite]:
     sites += [("model", ["models", i]) for i in range(len(_list_at(spec, ["models"])))]
     sites.append(("defense", ["defense"]))
     sites += [("attack", ["evaluation", "attacks", i]) for i in range(len(_list_at(spec, ["evaluation", "attacks"])))]
+    checks = _get(spec, ["evaluation", "checks"])
+    if isinstance(checks, dict) and isinstance(checks.get("gradient_free"), dict):
+        sites.append(("attack", ["evaluation", "checks", "gradient_free"]))
     return sites
 
 

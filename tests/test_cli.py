@@ -35,7 +35,8 @@ def test_good_spec_runs_and_writes_a_valid_report(runner, write_spec, tiny_spec,
     env = report["environment"]
     assert env["device"] == "cpu" and env["torch"]
     assert {(p["kind"], p["name"]) for p in env["plugins"]} == {
-        ("dataset", "digits"), ("model", "lenet"), ("defense", "pgd-at"), ("attack", "foolbox-pgd")}
+        ("dataset", "digits"), ("model", "lenet"), ("defense", "pgd-at"), ("attack", "foolbox-pgd"),
+        ("attack", "square")}  # square: the gradient-masking check (evaluation.checks.gradient_free)
     assert report["spec"]["training"]["momentum"] == 0.9  # the resolved spec, defaults included
     # the paper's layout: a block per model, rows Acc. / GE / PGD, a column per strength
     for row in ("Acc.", "GE", "PGD"):

@@ -1,0 +1,169 @@
+"""Sanity checks of an evaluation, reported as named flags (in the spirit of AutoAttack's flags).
+
+They run on a small fixed subset of the test split (`evaluation.checks.max_samples`, 64 by default) so that they
+stay cheap, after the main evaluation of a cell. Each flag is {"ok": true | false | null, "detail": ...}: false
+means the evaluation should not be believed as it stands; null means the check did not apply. README.md
+("Sanity checks") explains each flag and what to do when it is raised. An adversarial example outside its
+eps-ball or [0, 1], or non-finite, is not a flag but a hard error (harness.evaluate.check_adversary).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from harness import registry
+from harness.data import batches
+from harness.evaluate import clean_pass, per_sample_robust
+from harness.plugin import AttackPlugin, DataSplits, Split, to_unit
+
+FLAGS = {
+    "adversary_in_bounds": "every adversarial example of every attack was inside its eps-ball, inside [0, 1] and "
+                           "finite (a violation stops the evaluation with an error naming the attack)",
+    "eval_deterministic": "after model.eval() no module is still in training mode, and the model gives the same "
+                          "logits for the same inputs, in two passes and in a smaller batch",
+    "eps_zero_is_clean": "every attack at eps = 0 leaves exactly the clean accuracy, sample by sample",
+    "monotone_in_eps": "accuracy under every attack does not rise (by more than the tolerance) as eps grows over "
+                       "the checked grid",
+    "attack_converged": "doubling the attack's steps / restarts / queries does not lower its accuracy by more "
+                        "than the tolerance",
+    "no_gradient_masking": "a gradient-free attack does not break (more than the tolerance of) samples that every "
+                           "gradient-based attack at the same eps left correct",
+}
+
+# Options that make an attack stronger when doubled (the convergence check).
+STRENGTH_OPTIONS = ("steps", "restarts", "n_queries")
+
+
+def resolve(cfg: dict | None) -> dict:
+    """The checks section with every default filled in (also for callers that skip spec validation)."""
+    from harness.spec import SPEC_SCHEMA, fill_defaults
+
+    schema = SPEC_SCHEMA["properties"]["evaluation"]["properties"]["checks"]
+    out = fill_defaults(copy.deepcopy(cfg or {}), schema)
+    free = out.get("gradient_free")
+    if free:
+        free.setdefault("options", {})
+        fill_defaults(free["options"], registry.load("attack", free["name"]).options_schema)
+    return out
+
+
+def _pct(mask: torch.Tensor, n: int) -> float:
+    return 100.0 * float(mask.sum()) / max(n, 1)
+
+
+def _rebuild(attack: AttackPlugin, entry: dict, eps_0_255: float, options: dict | None = None) -> AttackPlugin:
+    return type(attack)(eps=to_unit(eps_0_255), **(entry.get("options", {}) if options is None else options))
+
+
+def check_deterministic(model: nn.Module, split: Split, data: DataSplits, device: torch.device) -> dict:
+    model.eval()
+    training = [name or "<model>" for name, m in model.named_modules() if m.training]
+    x, _ = next(batches(split, len(split), device, transform=data.eval_transform))
+    k = max(1, len(x) // 2)
+    with torch.no_grad():
+        first, second, part = model(x), model(x), model(x[:k])
+    repeat = torch.equal(first, second)
+    batch_independent = torch.allclose(part, first[:k], rtol=1e-4, atol=1e-5)
+    problems = []
+    if training:
+        problems.append(f"modules still in training mode after model.eval(): {', '.join(training[:5])}")
+    if not repeat:
+        problems.append("two passes over the same inputs gave different logits (randomness in the forward pass)")
+    if not batch_independent:
+        problems.append("the logits of a sample depend on the other samples of its batch")
+    return {"ok": not problems, "detail": "; ".join(problems) or "eval mode, repeatable, batch-independent",
+            "training_modules": training}
+
+
+def run_checks(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, AttackPlugin]], cfg: dict | None,
+               batch_size: int, device: torch.device) -> dict:
+    cfg = resolve(cfg)
+    tol = float(cfg["tolerance"])
+    sub = data.test.subset(cfg["max_samples"], cfg["seed"])
+    n = len(sub)
+    flags: dict[str, dict] = {"adversary_in_bounds": {"ok": True, "detail": FLAGS["adversary_in_bounds"]}}
+    flags["eval_deterministic"] = check_deterministic(model, sub, data, device)
+    _, correct = clean_pass(model, sub, data, batch_size, device)
+    clean = _pct(correct, n)
+    wanted = cfg["attacks"]
+    checked = [(e, a) for e, a in attacks if wanted is None or e["label"] in wanted]
+
+    robust_at: dict[tuple[str, float], torch.Tensor] = {}
+    grids, eps_zero_bad, rises, not_converged, convergence = {}, [], [], [], {}
+    for entry, attack in checked:
+        label, eps = entry["label"], float(entry["eps"])
+        grid = sorted({0.0, eps, *(float(e) for e in (cfg["eps_grid"] or [eps / 2, min(2 * eps, 255.0)]))})
+        accs = []
+        for e in grid:
+            plugin = attack if e == eps else _rebuild(attack, entry, e)
+            robust, _ = per_sample_robust(model, dict(entry, eps=e), plugin, sub, correct, data, batch_size, device)
+            robust_at[(label, e)] = robust
+            accs.append(_pct(robust, n))
+        grids[label] = {"eps": grid, "acc": accs}
+        if not torch.equal(robust_at[(label, 0.0)], correct):
+            eps_zero_bad.append(f"{label}: {accs[0]:.2f}% at eps 0 vs {clean:.2f}% clean")
+        for i in range(len(grid) - 1):
+            if accs[i + 1] > accs[i] + tol:
+                rises.append(f"{label}: {accs[i]:.2f}% at eps {grid[i]:g} -> {accs[i + 1]:.2f}% at eps {grid[i + 1]:g}")
+        options = entry.get("options", {})
+        if cfg["convergence"] and any(k in options for k in STRENGTH_OPTIONS):
+            stronger = {k: (2 * v if k in STRENGTH_OPTIONS else v) for k, v in options.items()}
+            robust, _ = per_sample_robust(model, entry, _rebuild(attack, entry, eps, stronger), sub, correct, data,
+                                          batch_size, device)
+            base, strong = _pct(robust_at[(label, eps)], n), _pct(robust, n)
+            convergence[label] = {"acc": base, "doubled_acc": strong,
+                                  "doubled": {k: stronger[k] for k in STRENGTH_OPTIONS if k in stronger}}
+            if strong < base - tol:
+                not_converged.append(f"{label}: {base:.2f}% -> {strong:.2f}% with {convergence[label]['doubled']}")
+
+    flags["eps_zero_is_clean"] = {
+        "ok": (not eps_zero_bad) if checked else None,
+        "detail": "; ".join(eps_zero_bad) or ("every checked attack at eps 0 kept the clean accuracy, sample by sample"
+                                              if checked else "no attack checked")}
+    flags["monotone_in_eps"] = {"ok": (not rises) if checked else None, "grids": grids,
+                                "detail": "; ".join(rises) or ("accuracy non-increasing in eps" if checked
+                                                               else "no attack checked")}
+    flags["attack_converged"] = {"ok": (not not_converged) if convergence else None, "runs": convergence,
+                                 "detail": "; ".join(not_converged) or (
+                                     "doubling did not lower accuracy beyond the tolerance" if convergence
+                                     else "no checked attack has steps, restarts or n_queries to double")}
+    flags["no_gradient_masking"] = gradient_masking(model, data, sub, correct, checked, robust_at, cfg, batch_size,
+                                                    device)
+    return {"samples": n, "clean_acc": clean, "tolerance": tol,
+            "passed": all(f["ok"] is not False for f in flags.values()), "flags": flags}
+
+
+def gradient_masking(model: nn.Module, data: DataSplits, sub: Split, correct: torch.Tensor,
+                     checked: list[tuple[dict, AttackPlugin]], robust_at: dict, cfg: dict, batch_size: int,
+                     device: torch.device) -> dict:
+    free_cfg = cfg["gradient_free"]
+    gradient_based = [(e, a) for e, a in checked if not getattr(a, "gradient_free", False)]
+    if not free_cfg or not gradient_based:
+        return {"ok": None, "detail": "no gradient-free attack configured" if not free_cfg
+                else "no gradient-based attack checked"}
+    n = len(sub)
+    free_cls = registry.load("attack", free_cfg["name"])
+    per_eps, masked_at = {}, []
+    for eps in sorted({float(e["eps"]) for e, _ in gradient_based}):
+        if eps == 0:
+            continue
+        robust_grad = correct.clone()
+        for entry, _ in gradient_based:
+            if float(entry["eps"]) == eps:
+                robust_grad &= robust_at[(entry["label"], eps)]
+        free = free_cls(eps=to_unit(eps), **free_cfg["options"])
+        robust_free, _ = per_sample_robust(model, {"name": free_cfg["name"], "label": free_cfg["name"], "eps": eps},
+                                           free, sub, correct, data, batch_size, device)
+        masked = _pct(robust_grad & ~robust_free, n)
+        per_eps[f"{eps:g}"] = {"gradient_acc": _pct(robust_grad, n), "gradient_free_acc": _pct(robust_free, n),
+                               "broken_only_without_gradients": masked}
+        if masked > float(cfg["tolerance"]):
+            masked_at.append(f"eps {eps:g}: {free_cfg['name']} broke {masked:.2f}% of the samples every "
+                             f"gradient-based attack left correct ({_pct(robust_grad, n):.2f}% -> "
+                             f"{_pct(robust_grad & robust_free, n):.2f}%)")
+    return {"ok": not masked_at if per_eps else None, "by_eps": per_eps, "attack": free_cfg["name"],
+            "detail": "; ".join(masked_at) or ("the gradient-free attack found nothing the gradient-based ones missed"
+                                               if per_eps else "only eps 0 checked")}

@@ -1,0 +1,145 @@
+"""Evaluate existing weights (RobustBench's use case): `harness eval SPEC --weights FILE`.
+
+The spec names the dataset, the model plugin and the evaluation (attacks, checks) as for `harness run`; its
+`training` and `defense` parts may be left out. The weights are read with `torch.load(weights_only=True)` (no
+code from the file is executed) into the model the plugin builds, and evaluated with the same attacks, checks
+and report as a trained cell. A checkpoint that does not fit the model is BadInput (exit 2) naming the missing
+and unexpected keys and the shape mismatches.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch import nn
+
+import harness
+from harness import registry
+from harness import spec as spec_mod
+from harness.errors import BadInput
+from harness.evaluate import evaluate
+from harness.plugin import to_unit
+from harness.report import validate_report, write_json_atomic
+from harness.runner import environment, load_data, pick_device, seed_everything
+
+# What a spec without a training part stands for: no defense, no training epochs.
+NO_TRAINING = {"defense": {"name": "none", "strengths": [0]}, "training": {"epochs": 0, "batch_size": 1, "lr": 1.0}}
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
+SHOWN = 8
+
+
+def read_spec(path: str | Path) -> dict:
+    """A spec for evaluation only: `defense` and `training` may be absent."""
+    raw = spec_mod.read_json(path, "spec")
+    if isinstance(raw, dict):
+        for key, value in NO_TRAINING.items():
+            raw.setdefault(key, copy.deepcopy(value))
+    return spec_mod.validate(raw)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"checkpoint not found: {path}", fix="give the path of a file saved with torch.save")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for files it cannot read
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"cannot load checkpoint {path} with torch.load(weights_only=True): {first}",
+                       fix="save the model's state_dict (torch.save(model.state_dict(), path)); pickled code "
+                           "objects are refused on purpose") from exc
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BadInput(f"checkpoint {path} holds no state_dict (a mapping of names to tensors)",
+                       fix=f"save model.state_dict(), alone or under one of the keys {', '.join(STATE_DICT_KEYS)}")
+    if all(k.startswith("module.") for k in obj):  # saved from nn.DataParallel / DistributedDataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _listing(keys: list[str]) -> str:
+    return ", ".join(keys[:SHOWN]) + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load `state` into `model` strictly; any mismatch is BadInput naming the keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {_listing(shapes)}")
+    if problems:
+        raise BadInput(f"checkpoint {where} does not fit the model:\n  " + "\n  ".join(problems),
+                       fix="evaluate it with the model plugin and options it was trained with (for lenet, "
+                           "spectral_norm must match), on a dataset with the same input shape and classes")
+    model.load_state_dict(state, strict=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def evaluate_checkpoint(spec: dict, weights: Path, out_dir: Path, console: Console, model_label: str | None = None
+                        ) -> dict:
+    """Build the spec's model, load the weights, evaluate; write out_dir/report.json and return the report."""
+    models = {m["label"]: m for m in spec["models"]}
+    if model_label is None:
+        entry = spec["models"][0]
+    elif model_label in models:
+        entry = models[model_label]
+    else:
+        raise BadInput(f"the spec has no model labelled {model_label!r}", fix=f"choose one of: {', '.join(models)}")
+    state = read_state_dict(weights)
+    device = pick_device(spec["device"])
+    data = load_data(spec)
+    seed_everything(spec["seed"])
+    model = registry.load("model", entry["name"])(**entry["options"]).build(data.num_classes, data.input_shape)
+    load_weights(model, state, str(weights))
+    model.to(device).eval()
+    attacks = [(a, registry.load("attack", a["name"])(eps=to_unit(a["eps"]), **a["options"]))
+               for a in spec["evaluation"]["attacks"]]
+    console.print(f"[bold]{spec['name']}[/bold]: evaluating {weights} as {entry['label']} on {device}; "
+                  f"{len(data.test)} test samples")
+    started = time.perf_counter()
+    metrics = evaluate(model, data, attacks, spec["evaluation"]["batch_size"], device,
+                       checks=spec["evaluation"].get("checks"))
+    cell = {"id": f"{entry['label']}__checkpoint", "model": entry["label"], "model_name": entry["name"],
+            "defense": "checkpoint", "strength": 0, "status": "done", "seconds": time.perf_counter() - started,
+            "parameters": sum(p.numel() for p in model.parameters()), "history": [], "metrics": metrics}
+    report = {
+        "schema_version": 1,
+        "harness_version": harness.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "spec": spec,
+        "smoke": data.stand_in,
+        "checkpoint": {"path": str(weights), "sha256": file_sha256(Path(weights)), "model": entry["label"]},
+        "data": {"source": data.source, "stand_in": data.stand_in, "train_size": len(data.train),
+                 "test_size": len(data.test), "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+                 "notes": data.notes},
+        "environment": environment(device),
+        "cells": [cell],
+    }
+    validate_report(report)
+    write_json_atomic(out_dir / "report.json", report)
+    return report
