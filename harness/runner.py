@@ -192,15 +192,21 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     eval_bs = spec["evaluation"]["batch_size"]
     eval_batches = sum((len(s) + eval_bs - 1) // eval_bs for s in (data.train, data.test, *([data.test] * len(attacks))))
     task = progress.add_task(f"evaluate {cell.id}", total=eval_batches)
+    timings: dict = {"train": sum(h["seconds"] for h in history)}
+    evaluated = time.perf_counter()
     metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch,
-                       checks=spec["evaluation"].get("checks"))
+                       checks=spec["evaluation"].get("checks"), timings=timings)
+    timings["evaluate"] = time.perf_counter() - evaluated
     progress.update(task, visible=False)
+    analysed = time.perf_counter()
     analysis = analyze_cell(model, data, spec, device)  # the paper's section 4 quantities; None when disabled
+    if analysis is not None:
+        timings["analysis"] = time.perf_counter() - analysed
     return {
         "id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
         "defense": defense_entry["name"], "strength": cell.strength, "status": "done",
         "spec_digest": spec_digest(spec),
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started, "timings": timings,
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history, "metrics": metrics, **({"analysis": analysis} if analysis is not None else {}),
         "fingerprint": {"training": ident["fingerprint"], "evaluation": checkpoint.fingerprint(spec["evaluation"])},
