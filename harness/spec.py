@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 import math
 from importlib import resources
 from pathlib import Path
@@ -188,10 +189,12 @@ def validate(spec: Any) -> dict:
 
 
 def default_label(item: dict) -> str:
-    """A model is labelled by its name, an attack by name@eps, unless the spec gives a label."""
+    """A model is labelled by its name, an attack by name@eps, unless the spec gives a label. Labels name cells and
+    files, so characters a file name cannot safely hold (the ':' of `timm:<arch>`) become '-'."""
     if item.get("label"):
         return item["label"]
-    return f"{item['name']}@{item['eps']:g}" if "eps" in item else item["name"]
+    label = f"{item['name']}@{item['eps']:g}" if "eps" in item else item["name"]
+    return re.sub(r"[^A-Za-z0-9_.+@-]", "-", label)
 
 
 def _duplicate_labels(items: Any, where: str) -> list[str]:

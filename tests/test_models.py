@@ -174,7 +174,7 @@ def test_timm_variant_runs_through_a_spec(tmp_path):
         "name": "timm-variant", "device": "cpu",
         "dataset": {"name": "synthetic", "options": {"shape": [3, 16, 16], "num_classes": 4, "train_size": 16,
                                                      "test_size": 8}},
-        "models": [{"name": "timm:resnet10t", "label": "rn10t"}],
+        "models": [{"name": "timm:resnet10t"}],  # no label: the default must be a safe file name
         "defense": {"name": "pgd-at", "strengths": [8], "options": {"steps": 1}},
         "training": {"epochs": 1, "batch_size": 8, "lr": 0.01},
         "evaluation": {"batch_size": 8, "attacks": [{"name": "foolbox-pgd", "eps": 8, "options": {"steps": 1}}]},
@@ -182,5 +182,6 @@ def test_timm_variant_runs_through_a_spec(tmp_path):
     report = run(spec, tmp_path, Console(quiet=True))
     validate_report(report)
     assert report["cells"][0]["status"] == "done" and "paper" not in report["cells"][0]
+    assert report["cells"][0]["id"] == "timm-resnet10t__s8" and (tmp_path / "cells" / "timm-resnet10t__s8.json").exists()
     provenance = {(p["kind"], p["name"]): p["target"] for p in report["environment"]["plugins"]}
     assert provenance[("model", "timm:resnet10t")] == "harness_plugins.timm_models:TimmModel"
