@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from harness.errors import BadInput
+from harness.paths import inside, write_atomic
 
 FORMAT = 1
 REQUIRED = ("format", "cell", "fingerprint", "spec", "epoch", "step", "history", "model", "optimizer", "scheduler",
@@ -157,18 +157,8 @@ def resume_training(state, model, optimizer, scheduler, order) -> tuple[list[dic
 
 
 def save(path: Path, state: dict) -> None:
-    """torch.save to a temporary file beside `path`, fsync, rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save atomically (harness.paths.write_atomic): a crash mid-write never damages the last checkpoint."""
+    write_atomic(path, lambda fh: torch.save(state, fh))
 
 
 def load(path: Path, *, mmap: bool = False) -> dict:
@@ -200,8 +190,6 @@ def mismatch(state: dict, view: dict) -> list[str]:
 
 def cell_paths(out_dir: Path, cell_id: str) -> tuple[Path, Path]:
     """(OUT/cells/<id>.json, OUT/checkpoints/<id>.pt), both checked to stay inside OUT."""
-    from harness.paths import inside
-
     return (inside(out_dir / "cells", cell_id + ".json", where=f"cell {cell_id!r}"),
             inside(out_dir / "checkpoints", cell_id + ".pt", where=f"cell {cell_id!r}"))
 

@@ -1,4 +1,5 @@
-"""Paths built from strings in a spec (the run's name, model labels, cell ids) and paths a spec names.
+"""Paths built from strings in a spec (the run's name, model labels, cell ids), paths a spec names, and the one
+way files are written (atomically).
 
 The schema already restricts `name` and `label` to `[A-Za-z0-9][A-Za-z0-9_.+@-]*`, but the runner can be called
 with a spec that never went through the CLI, so every path made from a spec string goes through `safe_component`
@@ -7,8 +8,11 @@ and `inside`: no separator, no `..`, no absolute path, no NUL can move a file ou
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from harness.errors import BadInput
 
@@ -44,3 +48,19 @@ def check_dataset_root(spec: dict) -> None:
                        fix="give the folder holding the data, or set \"download\": true to let the plugin fetch it")
     if not path.is_dir():
         raise BadInput(f"$.dataset.root: {str(path)!r} is a file, not a folder", fix="give the folder holding the data")
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write` on a temporary file beside `path`, fsync it and rename it into place: a reader (or a crash)
+    never sees half a file, and an existing file is replaced only by a complete one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from harness.spectral import apply_spectral_norm
+
 SCALE = 255.0
 
 
@@ -90,8 +92,26 @@ class DatasetPlugin(Plugin):
 # ----------------------------------------------------------------------------------------------- models
 
 
+SPECTRAL_NORM_OPTION = {"description": "Spectrally normalize every convolution and linear layer.",
+                        "type": "boolean", "default": True}
+
+
 class ModelPlugin(Plugin):
-    """Builds an nn.Module whose input is an image batch in [0, 1]; normalization, if any, is a layer inside."""
+    """Builds an nn.Module whose input is an image batch in [0, 1]; normalization, if any, is a layer inside.
+
+    Spectral normalization is one option applied uniformly to every model: subclasses keep `spectral_norm` in
+    their schema (extend `options_schema["properties"]`) and finish `build` with `self.normalize(model)`.
+    """
+
+    options_schema: ClassVar[dict] = {"type": "object", "additionalProperties": False,
+                                      "properties": {"spectral_norm": SPECTRAL_NORM_OPTION}}
+
+    def __init__(self, spectral_norm: bool = True):
+        self.spectral_norm = spectral_norm
+
+    def normalize(self, model: nn.Module) -> nn.Module:
+        """The built model, spectrally normalized when the `spectral_norm` option asks for it."""
+        return apply_spectral_norm(model) if self.spectral_norm else model
 
     def build(self, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:  # pragma: no cover
         raise NotImplementedError

@@ -6,8 +6,6 @@ defensive strength.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from jsonschema import Draft202012Validator
 from rich.console import Console
 from rich.table import Table
 
+from harness.paths import write_atomic
 from harness.spec import load_schema
 
 REPORT_SCHEMA = load_schema("report.schema.json")
@@ -28,19 +27,9 @@ def validate_report(report: dict) -> None:
 
 
 def write_json_atomic(path: Path, document: Any) -> None:
-    """Write to a temporary file in the same folder and rename it into place: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a JSON document atomically (harness.paths.write_atomic): readers never see half a file."""
+    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
+    write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _fmt_strength(s: float) -> str:

@@ -8,23 +8,10 @@ from __future__ import annotations
 from torch import nn
 
 from harness.plugin import ModelPlugin
-from harness.spectral import apply_spectral_norm
 
 
 class LeNet(ModelPlugin):
     """Madry et al.'s MNIST LeNet, optionally spectrally normalized."""
-
-    options_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "spectral_norm": {"description": "Spectrally normalize every convolution and linear layer.",
-                              "type": "boolean", "default": True},
-        },
-    }
-
-    def __init__(self, spectral_norm: bool = True):
-        self.spectral_norm = spectral_norm
 
     def build(self, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
         channels, height, width = input_shape
@@ -35,4 +22,4 @@ class LeNet(ModelPlugin):
             nn.Linear(64 * (height // 4) * (width // 4), 1024), nn.ReLU(),
             nn.Linear(1024, num_classes),
         )
-        return apply_spectral_norm(model) if self.spectral_norm else model
+        return self.normalize(model)

@@ -17,8 +17,7 @@ import difflib
 from torch import nn
 
 from harness.errors import BadInput
-from harness.plugin import ModelPlugin
-from harness.spectral import apply_spectral_norm
+from harness.plugin import SPECTRAL_NORM_OPTION, ModelPlugin
 
 
 def check_arch(arch: str) -> None:
@@ -40,15 +39,15 @@ class TimmModel(ModelPlugin):
         "required": ["arch"],
         "properties": {
             "arch": {"description": "A timm model name (timm.list_models()).", "type": "string", "minLength": 1},
-            "spectral_norm": {"description": "Spectrally normalize every convolution and linear layer.",
-                              "type": "boolean", "default": True},
+            "spectral_norm": SPECTRAL_NORM_OPTION,
             "kwargs": {"description": "Extra keyword arguments for timm.create_model.", "type": "object",
                        "default": {}},
         },
     }
 
     def __init__(self, arch: str, spectral_norm: bool = True, kwargs: dict | None = None):
-        self.arch, self.spectral_norm, self.kwargs = arch, spectral_norm, dict(kwargs or {})
+        super().__init__(spectral_norm)
+        self.arch, self.kwargs = arch, dict(kwargs or {})
 
     @classmethod
     def variant(cls, arch: str) -> type["TimmModel"]:
@@ -74,4 +73,4 @@ class TimmModel(ModelPlugin):
         except TypeError as exc:
             raise BadInput(f"timm.create_model({self.arch!r}) rejected the options: {exc}",
                            fix="correct the model's \"kwargs\" option") from exc
-        return apply_spectral_norm(model) if self.spectral_norm else model
+        return self.normalize(model)

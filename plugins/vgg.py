@@ -14,7 +14,6 @@ from torch import nn
 from torchvision.models.vgg import cfgs as VGG_CONFIGS
 
 from harness.plugin import ModelPlugin
-from harness.spectral import apply_spectral_norm
 
 HIDDEN = 512  # the paper's replacement for VGG's 4096
 
@@ -41,18 +40,6 @@ def orthogonal_init(model: nn.Module) -> None:
 class _VGG(ModelPlugin):
     config_key = ""
 
-    options_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "spectral_norm": {"description": "Spectrally normalize every convolution and linear layer.",
-                              "type": "boolean", "default": True},
-        },
-    }
-
-    def __init__(self, spectral_norm: bool = True):
-        self.spectral_norm = spectral_norm
-
     def build(self, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
         channels, height, width = input_shape
         if height < 32 or width < 32:
@@ -68,7 +55,7 @@ class _VGG(ModelPlugin):
             nn.Linear(HIDDEN, num_classes),
         )
         orthogonal_init(model)
-        return apply_spectral_norm(model) if self.spectral_norm else model
+        return self.normalize(model)
 
 
 class VGG16(_VGG):

@@ -14,7 +14,6 @@ from __future__ import annotations
 from torch import nn
 
 from harness.plugin import ModelPlugin
-from harness.spectral import apply_spectral_norm
 
 
 def xavier_conv_init(model: nn.Module) -> None:
@@ -28,18 +27,6 @@ def xavier_conv_init(model: nn.Module) -> None:
 class WideResNet50_2(ModelPlugin):
     """timm's wide_resnet50_2 with a 3x3 stride-1 stem, no max pool, Xavier-uniform convolutions (paper A.2)."""
 
-    options_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "spectral_norm": {"description": "Spectrally normalize every convolution and linear layer.",
-                              "type": "boolean", "default": True},
-        },
-    }
-
-    def __init__(self, spectral_norm: bool = True):
-        self.spectral_norm = spectral_norm
-
     def build(self, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
         import timm
 
@@ -49,4 +36,4 @@ class WideResNet50_2(ModelPlugin):
         model.conv1 = nn.Conv2d(input_shape[0], stem_width, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
         xavier_conv_init(model)
-        return apply_spectral_norm(model) if self.spectral_norm else model
+        return self.normalize(model)
