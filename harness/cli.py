@@ -118,8 +118,10 @@ def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path
     from harness.weights import evaluate_checkpoint, read_spec
     from harness.report import render_attack_table
 
+    from harness.paths import inside
+
     spec = read_spec(spec_path)
-    out_dir = out_dir or Path("reports") / f"{spec['name']}-eval"
+    out_dir = out_dir or inside(Path("reports"), f"{spec['name']}-eval", where="$.name")
     report = evaluate_checkpoint(spec, weights, out_dir, console, model_label)
     render_attack_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
@@ -197,11 +199,12 @@ def bench(spec_path: Path, out_path: Path | None, cell_ids: tuple[str, ...], bat
     call and a hand-written PGD loop timed in the same run as ratios; writes JSON and prints a table."""
     from harness import bench as bench_mod
     from harness import spec as spec_mod
+    from harness.paths import inside
 
     spec = spec_mod.load(spec_path)
     doc = bench_mod.bench(spec, console, cell_ids=list(cell_ids), batch_size=batch_size,
                           eval_batch_size=eval_batch_size, warmup=warmup, repeats=repeats)
-    out_path = out_path or Path("reports") / spec["name"] / "bench.json"
+    out_path = out_path or inside(Path("reports"), spec["name"], "bench.json", where="$.name")
     bench_mod.write(doc, out_path)
     bench_mod.render(doc, console)
     console.print(f"bench: {out_path}")
