@@ -117,8 +117,8 @@ class _TorchvisionDataset(VisionDataset):
             if absent:  # a download was asked for and did not produce the files
                 raise self.missing(root, f"download failed: {exc}") from exc
             raise BadInput(f"{self.name} under {root} is unreadable: {exc}",
-                           fix=f"re-download it (delete the folder, set \"download\": true), or set "
-                               f"\"options\": {{\"check_md5\": false}} for a re-packed copy") from exc
+                           fix="re-download it (delete the folder, set \"download\": true), or set "
+                               "\"options\": {\"check_md5\": false} for a re-packed copy") from exc
         except Exception as exc:  # network errors of a download, malformed files
             raise BadInput(f"{self.name} under {root} could not be read or downloaded: {type(exc).__name__}: {exc}",
                            fix=self.obtain) from exc

@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from click.testing import CliRunner
+
 from harness import registry
+from harness.cli import cli
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-torch.set_num_threads(2)
+# One intra-op thread: tests use tiny models, for which two threads on a 2-core machine (often shared with other
+# work) only spin against each other (measured up to 10x slower); every test module inherits this.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,3 +54,10 @@ def fresh_plugin_cache():
     registry._LOADED.clear()
     yield
     registry._LOADED.clear()
+
+
+def invoke(*args):
+    """Run the CLI in-process as a user would; bad input must never reach the user as a traceback."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert "Traceback" not in result.output
+    return result

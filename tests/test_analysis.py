@@ -132,7 +132,13 @@ def test_conv_operator_norm_is_the_largest_singular_value_of_its_matrix(conv, sh
 def test_lenet_layer_norms_record_shapes_and_bound_the_kernel_sigma():
     torch.manual_seed(0)
     model = registry.load("model", "lenet")(spectral_norm=True).build(10, (1, 8, 8))
-    result = layer_norms(model, (1, 8, 8), "cpu", iterations=100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = layer_norms(model, (1, 8, 8), "cpu", iterations=100)
+        assert torch.get_num_threads() == 2  # restored after the single-threaded power iteration
+    finally:
+        torch.set_num_threads(threads)
     layers = result["layers"]
     assert [layer["input_shape"] for layer in layers] == [[1, 8, 8], [32, 4, 4], [256], [1024]]
     assert all(layer["normalized"] for layer in layers)
@@ -143,7 +149,6 @@ def test_lenet_layer_norms_record_shapes_and_bound_the_kernel_sigma():
     assert layers[0]["operator_norm"] > 1.5  # a 5x5 convolution reuses its kernel: it amplifies despite SN
     assert result["product_operator_norm"] == pytest.approx(math.prod(la["operator_norm"] for la in layers))
     assert all(p.requires_grad for p in model.parameters()) and model.training
-    assert torch.get_num_threads() == 2  # restored after the single-threaded power iteration
 
 
 def test_spec_analysis_section_defaults_and_errors(tiny_spec):

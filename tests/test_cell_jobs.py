@@ -6,16 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from harness.cli import cli
 from harness.report import validate_report
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert "Traceback" not in result.output
-    return result
+from conftest import invoke
 
 
 @pytest.fixture

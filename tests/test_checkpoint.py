@@ -8,26 +8,16 @@ import signal
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from harness import checkpoint, registry, spec as spec_mod
-from harness.cli import cli
 from harness.plugin import to_unit
 from harness.report import validate_report
 from harness.runner import load_data, seed_everything
 from harness.interrupt import TrainingStopped
 from harness.train import train
+from conftest import invoke
 
 CELL = "lenet__s16"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -39,12 +29,6 @@ def small_spec(tiny_spec):
                                  schedule={"type": "multistep", "milestones": [2], "gamma": 0.1})
     tiny_spec["evaluation"]["attacks"][0]["options"] = {"steps": 1, "step_size": 16}
     return tiny_spec
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert "Traceback" not in result.output
-    return result
 
 
 def final_model(out):

@@ -16,22 +16,7 @@ from harness import checkpoint, runner
 from harness.cli import cli
 from harness.interrupt import InterruptGuard
 
-from conftest import REPO
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert "Traceback" not in result.output
-    return result
+from conftest import REPO, invoke
 
 
 def harness(*args, cwd):

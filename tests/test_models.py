@@ -29,15 +29,6 @@ MODELS = sorted(registry.discover("model")) + sorted(EXTRA)
 NUM_CLASSES = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Orthogonal init (LAPACK QR) and small convolutions are faster on one thread of a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def case(name):
     return {**CASES, **EXTRA}.get(name, ({}, (3, 32, 32)))
 

@@ -6,30 +6,24 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
 import harness.analysis
 import harness.evaluate
 import harness.runner
 import harness.train
-from harness.cli import cli
 from harness.figures import make_figures
 from harness.report import validate_report
+
+from conftest import invoke
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("fig2_ge.png", "fig3_loss_variation.png", "fig4_pgd.png")
 
 
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert "Traceback" not in result.output
-    return result
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two real runs of one tiny spec, each with one strength: cells run separately."""
-    from conftest import TINY_SPEC
+    from conftest import TINY_SPEC, invoke
 
     root = tmp_path_factory.mktemp("runs")
     spec = copy.deepcopy(TINY_SPEC)

@@ -8,32 +8,14 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from click.testing import CliRunner
 from rich.console import Console
 
 from harness import checkpoint, spec as spec_mod
-from harness.cli import cli
 from harness.errors import BadInput
 from harness.paths import inside, safe_component
 from harness.runner import run
 
-from conftest import REPO
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert "Traceback" not in result.output
-    return result
+from conftest import REPO, invoke
 
 
 def test_every_torch_load_is_weights_only():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -17,15 +16,6 @@ from harness.report import validate_report
 from harness.runner import run
 
 SPECS = sorted(p.name for p in (REPO / "specs").glob("*.json"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """LAPACK (orthogonal init) and small convolutions are faster on one thread of a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("spec_file", SPECS)

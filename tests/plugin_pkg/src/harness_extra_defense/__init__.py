@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from harness.plugin import DefensePlugin, to_unit
+from harness.plugin import DefensePlugin
 
 
 class GaussianNoiseTraining(DefensePlugin):
