@@ -73,6 +73,7 @@ class StuckInTraining(BinaryLinear):
 
 
 @pytest.mark.parametrize("cls,says", [(AlwaysDropout, "two passes"), (StuckInTraining, "still in training mode")])
+@pytest.mark.filterwarnings("ignore:The PyTorch model is in training mode")  # foolbox notices it too: intended
 def test_eval_deterministic_raised(cls, says):
     model = cls()
     _, f = flags(model, dataset(BinaryLinear()), [attack("foolbox-fgsm", 8)], gradient_free=None)
