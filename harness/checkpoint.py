@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any

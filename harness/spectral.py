@@ -7,6 +7,10 @@ iteration per training forward pass.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
@@ -37,14 +41,10 @@ def normalized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 LINEAR_MAPS = NORMALIZED_LAYERS
 
-from contextlib import contextmanager  # noqa: E402  (kept with the functions that use it)
-from typing import Iterator  # noqa: E402
-
 
 def matrix_sigma(module: nn.Module) -> float:
     """Largest singular value (exact, by SVD) of the layer's weight as used (normalized, if it is), reshaped to
     out_features x rest: the quantity spectral normalization divides by."""
-    import torch
 
     with torch.no_grad():
         weight = module.weight.detach()
@@ -58,7 +58,6 @@ def operator_norm(module: nn.Module, input_shape: tuple[int, ...], iterations: i
     a forward pass, A^T by autograd's vector-Jacobian product (a transposed convolution, with the layer's own
     stride, padding and padding mode). Call it with the model's parameters frozen (adversary_mode).
     Power iteration approaches the largest singular value from below."""
-    import torch
 
     param = next(module.parameters())
     with single_thread_on_cpu(param.device):
@@ -69,7 +68,6 @@ def operator_norm(module: nn.Module, input_shape: tuple[int, ...], iterations: i
 def single_thread_on_cpu(device) -> Iterator[None]:
     """One-sample convolutions and small SVDs are latency-bound: on a busy CPU the thread pool's synchronization
     made them up to 50x slower with 2 threads than with 1 (measured on this project's 2-core machine)."""
-    import torch
 
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
@@ -82,7 +80,6 @@ def single_thread_on_cpu(device) -> Iterator[None]:
 
 def _power_iteration(module: nn.Module, input_shape: tuple[int, ...], iterations: int, tol: float, seed: int,
                      param) -> float:
-    import torch
 
     with torch.no_grad():
         offset = module(torch.zeros(input_shape, device=param.device, dtype=param.dtype))
@@ -114,7 +111,6 @@ def layer_norms(model: nn.Module, input_shape: tuple[int, ...], device, iteratio
     and max pooling are; batch norm is not counted)."""
     import math
 
-    import torch
 
     from harness.plugin import adversary_mode
 
