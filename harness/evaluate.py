@@ -66,11 +66,12 @@ def clean_pass(model: nn.Module, split: Split, data: DataSplits, batch_size: int
     return total / max(len(split), 1), torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
 
 
-def adversarial_correct(model: nn.Module, attack: AttackPlugin, label: str, split: Split, clean_correct: torch.Tensor,
-                        data: DataSplits, batch_size: int, device: torch.device,
-                        on_batch: Callable[[], None] | None = None) -> torch.Tensor:
-    """Per-sample correctness under `attack`; samples misclassified when clean stay wrong and are not attacked."""
-    robust = clean_correct.clone()
+def attacked_batches(model: nn.Module, perturb: Callable, label: str, eps: float, split: Split,
+                     clean_correct: torch.Tensor, data: DataSplits, batch_size: int, device: torch.device,
+                     on_batch: Callable[[], None] | None = None):
+    """For each batch, the samples classified correctly when clean, attacked by `perturb` inside adversary_mode
+    and checked by check_adversary: yields (their indices in the split, xs, ys, x_adv). Misclassified samples are
+    never attacked (they count as wrong, paper A.4)."""
     offset = 0
     for x, y in batches(split, batch_size, device, transform=data.eval_transform):
         n = len(y)
@@ -78,15 +79,23 @@ def adversarial_correct(model: nn.Module, attack: AttackPlugin, label: str, spli
         if mask.any():
             xs, ys = x[mask], y[mask]
             with adversary_mode(model):
-                x_adv = attack.perturb(model, xs, ys)
-            check_adversary(label, xs, x_adv, attack.eps)
-            with torch.no_grad():
-                still = (model(x_adv).argmax(1) == ys).cpu()
-            idx = torch.nonzero(mask.cpu()).squeeze(1) + offset
-            robust[idx] = still
+                x_adv = perturb(model, xs, ys)
+            check_adversary(label, xs, x_adv, eps)
+            yield torch.nonzero(mask.cpu()).squeeze(1) + offset, xs, ys, x_adv
         offset += n
         if on_batch is not None:
             on_batch()
+
+
+def adversarial_correct(model: nn.Module, attack: AttackPlugin, label: str, split: Split, clean_correct: torch.Tensor,
+                        data: DataSplits, batch_size: int, device: torch.device,
+                        on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """Per-sample correctness under `attack`; samples misclassified when clean stay wrong and are not attacked."""
+    robust = clean_correct.clone()
+    for idx, _, ys, x_adv in attacked_batches(model, attack.perturb, label, attack.eps, split, clean_correct, data,
+                                              batch_size, device, on_batch):
+        with torch.no_grad():
+            robust[idx] = (model(x_adv).argmax(1) == ys).cpu()
     return robust
 
 
@@ -103,23 +112,14 @@ def minimal_distances(model: nn.Module, attack: AttackPlugin, label: str, split:
     itself and counts an example only if the model really misclassifies it, so an attack cannot overstate.
     """
     dist = torch.zeros(len(clean_correct))
-    offset = 0
-    for x, y in batches(split, batch_size, device, transform=data.eval_transform):
-        n = len(y)
-        mask = clean_correct[offset:offset + n].to(device)
-        if mask.any():
-            xs, ys = x[mask], y[mask]
-            with adversary_mode(model):
-                x_adv = attack.minimal_perturb(model, xs, ys)
-            check_adversary(label, xs, x_adv, float("inf"))  # no ball: shape, finite, inside [0, 1]
-            with torch.no_grad():
-                fooled = (model(x_adv).argmax(1) != ys).cpu()
-            d = (x_adv - xs).flatten(1).abs().amax(1).cpu()
-            d[~fooled] = float("inf")
-            dist[torch.nonzero(mask.cpu()).squeeze(1) + offset] = d
-        offset += n
-        if on_batch is not None:
-            on_batch()
+    # no ball for a minimal-norm attack: the check still enforces shape, finiteness and [0, 1]
+    for idx, xs, ys, x_adv in attacked_batches(model, attack.minimal_perturb, label, float("inf"), split,
+                                               clean_correct, data, batch_size, device, on_batch):
+        with torch.no_grad():
+            fooled = (model(x_adv).argmax(1) != ys).cpu()
+        d = (x_adv - xs).flatten(1).abs().amax(1).cpu()
+        d[~fooled] = float("inf")
+        dist[idx] = d
     return dist
 
 
