@@ -30,6 +30,16 @@ def to_unit(value_0_255: float) -> float:
     return float(value_0_255) / SCALE
 
 
+# The options of a Linf PGD, as every built-in PGD attack and defense declares them (step size on the 0-255 scale).
+PGD_OPTIONS = {
+    "steps": {"description": "PGD iterations.", "type": "integer", "minimum": 1, "default": 10},
+    "step_size": {"description": "Step size on the 0-255 scale.", "type": "number", "exclusiveMinimum": 0,
+                  "default": 2.0},
+    "random_start": {"description": "Start from a uniform random point in the eps-ball.", "type": "boolean",
+                     "default": True},
+}
+
+
 def empty_schema() -> dict:
     return {"type": "object", "properties": {}, "additionalProperties": False}
 

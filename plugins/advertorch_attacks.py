@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from harness.compat import import_advertorch
-from harness.plugin import AttackPlugin, to_unit
+from harness.plugin import PGD_OPTIONS, AttackPlugin, to_unit
 
 
 class AdvertorchLinfPGD(AttackPlugin):
@@ -19,11 +19,7 @@ class AdvertorchLinfPGD(AttackPlugin):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "steps": {"description": "PGD iterations.", "type": "integer", "minimum": 1, "default": 10},
-            "step_size": {"description": "Step size on the 0-255 scale.", "type": "number", "exclusiveMinimum": 0,
-                          "default": 2.0},
-            "random_start": {"description": "Start from a uniform random point in the eps-ball.",
-                             "type": "boolean", "default": True},
+            **PGD_OPTIONS,
             "restarts": {"description": "Independent runs; a sample counts as broken if any run breaks it "
                                         "(only useful with random_start).",
                          "type": "integer", "minimum": 1, "default": 1},

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.compat import import_advertorch
-from harness.plugin import DefensePlugin, adversary_mode, to_unit
+from harness.plugin import PGD_OPTIONS, DefensePlugin, adversary_mode, to_unit
 
 
 class NoDefense(DefensePlugin):
@@ -23,13 +23,7 @@ class PGDAdversarialTraining(DefensePlugin):
     options_schema = {
         "type": "object",
         "additionalProperties": False,
-        "properties": {
-            "steps": {"description": "PGD iterations.", "type": "integer", "minimum": 1, "default": 10},
-            "step_size": {"description": "Step size on the 0-255 scale.", "type": "number", "exclusiveMinimum": 0,
-                          "default": 2.0},
-            "random_start": {"description": "Start from a uniform random point in the eps-ball.",
-                             "type": "boolean", "default": True},
-        },
+        "properties": PGD_OPTIONS,
     }
 
     def __init__(self, eps: float, steps: int = 10, step_size: float = 2.0, random_start: bool = True):

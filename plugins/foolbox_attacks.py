@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from harness.compat import import_foolbox
-from harness.plugin import AttackPlugin, to_unit
+from harness.plugin import PGD_OPTIONS, AttackPlugin, to_unit
 
 
 class FoolboxLinfPGD(AttackPlugin):
@@ -15,12 +15,7 @@ class FoolboxLinfPGD(AttackPlugin):
     options_schema = {
         "type": "object",
         "additionalProperties": False,
-        "properties": {
-            "steps": {"type": "integer", "minimum": 1, "default": 10},
-            "step_size": {"description": "Step size on the 0-255 scale.", "type": "number", "exclusiveMinimum": 0,
-                          "default": 2.0},
-            "random_start": {"type": "boolean", "default": True},
-        },
+        "properties": PGD_OPTIONS,
     }
 
     def __init__(self, eps: float, steps: int = 10, step_size: float = 2.0, random_start: bool = True):
