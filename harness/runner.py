@@ -7,7 +7,6 @@ assembled from those files, so a failure in one cell never touches the results o
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import platform
 import random
@@ -69,7 +68,7 @@ def spec_digest(spec: dict) -> str:
     """Identifies the experiment a cell file belongs to (every field but `performance` and `description`,
     which change how fast, not what), so that separate `--cell` jobs writing into one folder merge."""
     core = {k: v for k, v in spec.items() if k not in ("performance", "description")}
-    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+    return checkpoint.fingerprint(core)[:16]
 
 
 def collect_cells(out_dir: Path, spec: dict) -> list[dict]:
@@ -255,7 +254,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
     cells = []
     with make_progress(console) as progress, InterruptGuard() as guard:
         for cell in selected:
-            result_path = checkpoint.cell_paths(out_dir, cell.id)[0]
+            result_path, ckpt_path = checkpoint.cell_paths(out_dir, cell.id)
             if guard.requested():
                 raise guard.interrupted(f"stopped before cell {cell.id}")
             if decisions[cell.id] == "skip":
@@ -263,7 +262,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                 console.print(f"cell {cell.id}: finished earlier under the same spec, kept ({result_path})")
                 continue
             if decisions[cell.id] == "resume":
-                console.print(f"cell {cell.id}: resuming from {checkpoint.cell_paths(out_dir, cell.id)[1]}")
+                console.print(f"cell {cell.id}: resuming from {ckpt_path}")
             try:
                 result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard)
             except RunFailure as exc:
