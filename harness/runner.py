@@ -146,6 +146,30 @@ def load_data(spec: dict, smoke: bool = False) -> DataSplits:
     return data
 
 
+def build_attacks(spec: dict) -> list[tuple[dict, object]]:
+    """The spec's evaluation attacks as (entry, plugin instance), eps converted from the 0-255 scale."""
+    return [(a, registry.load("attack", a["name"])(eps=to_unit(a["eps"]), **a["options"]))
+            for a in spec["evaluation"]["attacks"]]
+
+
+def report_document(spec: dict, data: DataSplits, env: dict, cells: list[dict], *, smoke: bool, **extra) -> dict:
+    """The report.json document of a run (schemas/report.schema.json): the resolved spec, the data, the
+    environment and the cells; `extra` adds top-level fields (smoke_overrides, checkpoint)."""
+    return {
+        "schema_version": 1,
+        "harness_version": harness.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "spec": spec,
+        "smoke": smoke or data.stand_in,
+        "data": {"source": data.source, "stand_in": data.stand_in, "train_size": len(data.train),
+                 "test_size": len(data.test), "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+                 "notes": data.notes},
+        "environment": env,
+        "cells": cells,
+        **extra,
+    }
+
+
 def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Progress,
              runtime: Runtime | None = None, out_dir: Path | None = None,
              guard: InterruptGuard | None = None) -> dict | None:
@@ -156,8 +180,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         runtime.performance.prepare_model(model)
     defense_entry = spec["defense"]
     defense = registry.load("defense", defense_entry["name"])(eps=to_unit(cell.strength), **defense_entry["options"])
-    attacks = [(a, registry.load("attack", a["name"])(eps=to_unit(a["eps"]), **a["options"]))
-               for a in spec["evaluation"]["attacks"]]
+    attacks = build_attacks(spec)
     cfg = spec["training"]
     started = time.perf_counter()
 
@@ -292,21 +315,10 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
         distributed.shutdown()
         if not distributed.is_main:
             return None
-    report = {
-        "schema_version": 1,
-        "harness_version": harness.__version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "spec": spec,
-        "smoke": smoke or data.stand_in,
-        "data": {"source": data.source, "stand_in": data.stand_in, "train_size": len(data.train),
-                 "test_size": len(data.test), "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-                 "notes": data.notes},
-        "environment": dict(environment(device), performance=performance.describe(),
-                            world_size=distributed.world_size if distributed is not None else 1),
-        "cells": merge_cells(collect_cells(out_dir, spec), cells, spec),
-    }
-    if smoke:
-        report["smoke_overrides"] = smoke_overrides
+    env = dict(environment(device), performance=performance.describe(),
+               world_size=distributed.world_size if distributed is not None else 1)
+    report = report_document(spec, data, env, merge_cells(collect_cells(out_dir, spec), cells, spec), smoke=smoke,
+                             **({"smoke_overrides": smoke_overrides} if smoke else {}))
     validate_report(report)
     write_json_atomic(out_dir / "report.json", report)
     return report

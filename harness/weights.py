@@ -10,7 +10,6 @@ and unexpected keys and the shape mismatches.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import hashlib
 import time
 from pathlib import Path
@@ -19,14 +18,12 @@ import torch
 from rich.console import Console
 from torch import nn
 
-import harness
 from harness import registry
 from harness import spec as spec_mod
 from harness.errors import BadInput
 from harness.evaluate import evaluate
-from harness.plugin import to_unit
 from harness.report import validate_report, write_json_atomic
-from harness.runner import environment, load_data, pick_device, seed_everything
+from harness.runner import build_attacks, environment, load_data, pick_device, report_document, seed_everything
 
 # What a spec without a training part stands for: no defense, no training epochs.
 NO_TRAINING = {"defense": {"name": "none", "strengths": [0]}, "training": {"epochs": 0, "batch_size": 1, "lr": 1.0}}
@@ -117,8 +114,7 @@ def evaluate_checkpoint(spec: dict, weights: Path, out_dir: Path, console: Conso
     model = registry.load("model", entry["name"])(**entry["options"]).build(data.num_classes, data.input_shape)
     load_weights(model, state, str(weights))
     model.to(device).eval()
-    attacks = [(a, registry.load("attack", a["name"])(eps=to_unit(a["eps"]), **a["options"]))
-               for a in spec["evaluation"]["attacks"]]
+    attacks = build_attacks(spec)
     console.print(f"[bold]{spec['name']}[/bold]: evaluating {weights} as {entry['label']} on {device}; "
                   f"{len(data.test)} test samples")
     started = time.perf_counter()
@@ -127,19 +123,9 @@ def evaluate_checkpoint(spec: dict, weights: Path, out_dir: Path, console: Conso
     cell = {"id": f"{entry['label']}__checkpoint", "model": entry["label"], "model_name": entry["name"],
             "defense": "checkpoint", "strength": 0, "status": "done", "seconds": time.perf_counter() - started,
             "parameters": sum(p.numel() for p in model.parameters()), "history": [], "metrics": metrics}
-    report = {
-        "schema_version": 1,
-        "harness_version": harness.__version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "spec": spec,
-        "smoke": data.stand_in,
-        "checkpoint": {"path": str(weights), "sha256": file_sha256(Path(weights)), "model": entry["label"]},
-        "data": {"source": data.source, "stand_in": data.stand_in, "train_size": len(data.train),
-                 "test_size": len(data.test), "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-                 "notes": data.notes},
-        "environment": environment(device),
-        "cells": [cell],
-    }
+    report = report_document(spec, data, environment(device), [cell], smoke=False,
+                             checkpoint={"path": str(weights), "sha256": file_sha256(Path(weights)),
+                                         "model": entry["label"]})
     validate_report(report)
     write_json_atomic(out_dir / "report.json", report)
     return report
