@@ -16,16 +16,21 @@ from harness.train import train
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
 
-def test_auto_resolves_to_the_fastest_sound_setting_per_device():
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_resolves_to_the_fastest_sound_setting_per_device(monkeypatch, native):
+    """bf16 (and with it channels_last) wherever the device computes bf16 natively; fp32 NCHW on a CPU without."""
+    monkeypatch.setattr("harness.performance.native_bf16", lambda device: native)
     cpu = Performance.from_spec({}, CPU)
-    assert (cpu.precision, cpu.channels_last, cpu.data_on_device, cpu.compile) == ("fp32", False, False, False)
-    assert cpu.autocast_dtype is None
+    expected = ("bf16", True) if native else ("fp32", False)
+    assert (cpu.precision, cpu.channels_last, cpu.data_on_device, cpu.compile) == (*expected, False, False)
+    assert cpu.autocast_dtype is (torch.bfloat16 if native else None)
     gpu = Performance.from_spec({}, CUDA)
-    assert (gpu.precision, gpu.channels_last, gpu.data_on_device, gpu.tf32) == ("bf16", True, True, True)
-    assert gpu.autocast_dtype is torch.bfloat16
+    assert (gpu.precision, gpu.channels_last, gpu.data_on_device, gpu.tf32) == (expected[0], True, True, True)
     forced = Performance.from_spec({"precision": "bf16", "channels_last": True, "data_on_device": True}, CPU)
     assert forced.precision == "bf16" and forced.channels_last
     assert not forced.data_on_device  # the data is already where the CPU computes
+    pinned = Performance.from_spec({"precision": "fp32"}, CPU)
+    assert (pinned.precision, pinned.channels_last) == ("fp32", False)  # NCHW follows fp32 on CPU
     assert Performance.from_spec({"precision": "fp32", "channels_last": False}, CUDA).describe()["precision"] == "fp32"
 
 
