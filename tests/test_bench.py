@@ -24,7 +24,10 @@ def bench_spec(tiny_spec):
     return tiny_spec
 
 
-def test_bench_writes_rates_flops_and_baseline_ratios(bench_spec, write_spec, tmp_path):
+@pytest.mark.parametrize("performance", [{"precision": "fp32", "channels_last": False},
+                                         {"precision": "bf16", "channels_last": True}])
+def test_bench_writes_rates_flops_and_baseline_ratios(bench_spec, write_spec, tmp_path, performance):
+    bench_spec["performance"] = performance
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli, ["bench", str(write_spec(bench_spec)), "--out", str(out), "--batch-size", "32",
                                       "--eval-batch-size", "16", "--warmup", "0", "--repeats", "1"],
@@ -33,6 +36,7 @@ def test_bench_writes_rates_flops_and_baseline_ratios(bench_spec, write_spec, tm
     assert "vs plain" in result.output and "lenet__s32" in result.output
     doc = json.loads(out.read_text())
     assert doc["device"] == "cpu" and doc["peak_tflops"] is None
+    assert doc["performance"]["precision"] == performance["precision"]
     s0, s32 = doc["cells"]
     assert (s0["id"], s32["id"]) == ("lenet__s0", "lenet__s32")
     for cell in (s0, s32):
@@ -45,9 +49,15 @@ def test_bench_writes_rates_flops_and_baseline_ratios(bench_spec, write_spec, tm
     assert 2.0 < ratio < 6.0, ratio
     assert s0["baselines"] is None  # no attack to compare at strength 0
     b = s32["baselines"]
-    for name in ("plain", "hand"):
+    # the plain call as written (fp32, NCHW) always; under the harness's settings only when those differ
+    isolated = performance["precision"] != "fp32"
+    names = ("plain", "plain_same", "hand") if isolated else ("plain", "hand")
+    assert {k for k in b if not k.startswith("vs_")} == set(names)
+    for name in names:
         assert b[name]["images_per_s"] > 0
     assert b["vs_plain"] == pytest.approx(b["plain"]["seconds_per_step"] / s32["train"]["seconds_per_step"])
+    same = b["plain_same" if isolated else "plain"]["seconds_per_step"]
+    assert b["vs_plain_same"] == pytest.approx(same / s32["train"]["seconds_per_step"])
     assert b["vs_hand"] == pytest.approx(b["hand"]["seconds_per_step"] / s32["train"]["seconds_per_step"])
 
 
