@@ -17,6 +17,11 @@ What each rank does, per cell:
 - rank 0 alone evaluates the cell and writes files; the others wait at a barrier (the process group's timeout is
   long, TIMEOUT, because evaluation under strong attacks can take a while).
 
+A stop request (SIGINT/SIGTERM, harness.interrupt) is agreed on: at every step boundary the ranks all-reduce
+(max) the number of the signal each has seen, so a signal that reaches one rank a step before another (or only
+one rank) stops every rank at the same boundary, where rank 0 writes the checkpoint; without it the rank that
+stopped first would leave the other blocked in DDP's gradient all-reduce until it crashed, losing the epoch.
+
 Known limit: a non-finite loss raises on the rank that sees it; a rank whose shard stayed finite meets the NaN
 averaged into its gradients one step later, so all ranks stop, but not at the same step.
 """
@@ -116,6 +121,20 @@ class Distributed:
             if usable == 0:
                 continue
             yield x[self.rank:usable:self.world_size], y[self.rank:usable:self.world_size]
+
+    def agreed_stop(self, guard) -> Callable[[], bool]:
+        """`guard.requested` agreed over all ranks (one all-reduce of one integer per call; see the module doc).
+        A rank that saw no signal itself adopts the signal another rank saw, to exit with the same code."""
+        def requested() -> bool:
+            device = getattr(self, "_device", torch.device("cpu"))
+            seen = torch.tensor([guard.signum or 0], dtype=torch.int64, device=device)
+            torch_dist.all_reduce(seen, op=torch_dist.ReduceOp.MAX)
+            signum = int(seen.item())
+            if signum and guard.signum is None:
+                guard.adopt(signum)
+            return bool(signum)
+
+        return requested
 
     def sum_totals(self, total: float, seen: int) -> tuple[float, int]:
         device = getattr(self, "_device", torch.device("cpu"))

@@ -53,6 +53,10 @@ class InterruptGuard:
                          "and writing a checkpoint\n")
         sys.stderr.flush()
 
+    def adopt(self, signum: int) -> None:
+        """Another process of the same run (a torchrun rank) received `signum`: stop as if this one had."""
+        self.signum = signum
+
     def requested(self) -> bool:
         return self.signum is not None
 

@@ -81,3 +81,72 @@ def test_shards_interleave_and_cover_each_batch_once():
     assert got == list(range(9))  # 10 does not divide by 3: the last sample is dropped so shards stay equal
     assert [s[0][1].tolist() for s in shards] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
     assert all(torch.equal(xs.view(-1), ys.float()) for s in shards for xs, ys in s)
+
+
+def _worker_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process `rank` (a direct child of `parent` with RANK=<rank>), from /proc."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_a_signal_reaching_one_rank_stops_every_rank_at_the_same_step_and_resumes(tmp_path):
+    """A signal that reaches rank 1 alone must stop rank 0 too, at the same step boundary, with rank 0's checkpoint
+    written: otherwise rank 0 trains on into a DDP all-reduce that rank 1 never joins and crashes, losing the
+    epoch. The resumed run then ends where an uninterrupted one does."""
+    import signal
+    import time
+
+    import torch
+
+    from harness import checkpoint
+
+    epochs = 20  # one step each: long enough after the first checkpoint for the signal to land mid-run
+    spec = json.loads(json.dumps(SPEC))
+    spec["defense"]["strengths"] = [16]
+    spec["training"].update(epochs=epochs, max_batches=1)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / "two")]
+    ckpt = tmp_path / "two" / "checkpoints" / "lenet__s16.pt"
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not ckpt.exists():  # epoch 1 is done: both ranks are training, their guards installed
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.002)
+    rank1 = _worker_pid(proc.pid, 1)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    # both ranks stopped at a step boundary by the signal (rank 0 adopted rank 1's), neither by a broken collective
+    assert stderr.count("interrupted by SIGTERM: cell lenet__s16 stopped after step") == 2, stderr[-3000:]
+    assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # torchrun's summary: both exited as SIGTERM says
+    state = checkpoint.load(ckpt)
+    assert 1 <= state["epoch"] < epochs - 1, state["epoch"]  # mid-run: epochs after the first one were saved
+
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = json.loads((tmp_path / "two" / "cells" / "lenet__s16.json").read_text())
+    assert resumed["resumed_from"] == {"epoch": state["epoch"], "step": state["step"]}
+    straight = run(spec_mod.validate(spec), tmp_path / "one", Console(quiet=True))["cells"][0]
+    for key in ("train_loss", "test_loss"):
+        assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], rel=1e-5, abs=1e-6), key
+    a = checkpoint.load(ckpt)["model"]
+    b = checkpoint.load(tmp_path / "one" / "checkpoints" / "lenet__s16.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in b)
