@@ -78,6 +78,10 @@ def render_table(report: dict, console: Console) -> None:
     console.print("columns: defensive strength on the 0-255 scale; Acc. and PGD in %; GE = test loss - train loss")
     if with_paper:
         console.print("each cell: ours, and below it the paper's published value (Tables 1-2); differences in report.json")
+    precisions = {c["id"]: c["performance"]["precision"] for c in report["cells"] if "performance" in c}
+    if len(set(precisions.values())) > 1:
+        console.print("[yellow]cells were trained in different precisions: "
+                      + ", ".join(f"{k} {v}" for k, v in precisions.items()) + "[/yellow]", highlight=False)
     if report.get("smoke"):
         console.print(f"[bold yellow]SMOKE RUN{' on STAND-IN synthetic data' if stand_in else ''}: a pipeline check "
                       "with capped sizes, not a result[/bold yellow]")

@@ -233,6 +233,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         "spec_digest": spec_digest(spec),
         "seconds": time.perf_counter() - started, "timings": timings,
         "parameters": sum(p.numel() for p in model.parameters()),
+        **({"performance": runtime.performance.describe()} if runtime is not None and runtime.performance else {}),
         "history": history, "metrics": metrics, **({"analysis": analysis} if analysis is not None else {}),
         "fingerprint": {"training": ident["fingerprint"], "evaluation": checkpoint.fingerprint(spec["evaluation"])},
         **({"resumed_from": {"epoch": resume["epoch"], "step": resume["step"]}} if resume is not None else {}),

@@ -64,3 +64,20 @@ def test_unknown_cell_is_bad_input_listing_the_valid_ids(spec, write_spec, tmp_p
     assert "unknown cell id: lenet__s7" in result.output
     assert "lenet__s0, lenet__s32" in result.output
     assert not (tmp_path / "o").exists()  # rejected before anything ran
+
+
+def test_jobs_on_different_precisions_merge_and_each_cell_says_how_it_was_trained(spec, write_spec, tmp_path):
+    """`performance` is not part of the experiment (spec_digest): a bf16 job (GPU, AMX CPU) and an fp32 job merge
+    into one table, and each cell records its own precision, since bf16 training does change the trained weights."""
+    out = tmp_path / "out"
+    fp32 = dict(spec, performance={"precision": "fp32"})
+    bf16 = dict(spec, performance={"precision": "bf16"})
+    assert invoke("run", str(write_spec(fp32)), "--out", str(out), "--cell", "lenet__s0").exit_code == 0
+    second = invoke("run", str(write_spec(bf16, "bf16.json")), "--out", str(out), "--cell", "lenet__s32")
+    assert second.exit_code == 0
+    assert "trained in different precisions: lenet__s0 fp32, lenet__s32 bf16" in second.output
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert [(c["id"], c["performance"]["precision"]) for c in report["cells"]] == [("lenet__s0", "fp32"),
+                                                                                  ("lenet__s32", "bf16")]
+    assert report["environment"]["performance"]["precision"] == "bf16"  # the run that wrote report.json
