@@ -170,7 +170,8 @@ def validate(spec: Any) -> dict:
         if isinstance(options, dict):
             errors += schema_errors(options, schema, prefix=f"{where}.options")
     for label_errors in (_duplicate_labels(spec.get("models"), "models"),
-                         _duplicate_labels(_get(spec, ["evaluation", "attacks"]), "evaluation.attacks")):
+                         _duplicate_labels(_get(spec, ["evaluation", "attacks"]), "evaluation.attacks"),
+                         _smoke_strengths(spec)):
         errors += label_errors
     if errors:
         raise BadInput(
@@ -216,6 +217,18 @@ def _duplicate_labels(items: Any, where: str) -> list[str]:
         else:
             seen[label] = i
     return errors
+
+
+def _smoke_strengths(spec: dict) -> list[str]:
+    """`smoke.strengths` picks cells of the full run, so it must be a subset of `defense.strengths`."""
+    picked, strengths = _get(spec, ["smoke", "strengths"]), _get(spec, ["defense", "strengths"])
+    if not isinstance(picked, list) or not isinstance(strengths, list):
+        return []  # absent, or the schema reports it
+    extra = [s for s in picked if isinstance(s, (int, float)) and s not in strengths]
+    if not extra:
+        return []
+    return [f"$.smoke.strengths: {extra} are not among $.defense.strengths {strengths}; "
+            "list a subset of the defense's strengths"]
 
 
 def load(path: str | Path) -> dict:

@@ -68,6 +68,18 @@ def test_duplicate_labels_rejected(tiny_spec):
     assert "$.models[1]: label 'lenet' repeats $.models[0]" in errors_of(tiny_spec)
 
 
+def test_smoke_strengths_must_be_a_subset_of_the_defense_strengths(tiny_spec, write_spec):
+    """Checked by `harness validate` (not only by `run --smoke`): a CI smoke spec fails before anything runs."""
+    from conftest import invoke
+
+    tiny_spec["smoke"] = {"strengths": [0, 8]}
+    assert "$.smoke.strengths: [8] are not among $.defense.strengths [0, 32]" in errors_of(tiny_spec)
+    result = invoke("validate", write_spec(tiny_spec))
+    assert result.exit_code == 2 and "$.smoke.strengths" in result.output and "Traceback" not in result.output
+    tiny_spec["smoke"] = {"strengths": [32]}
+    assert spec_mod.validate(tiny_spec)["smoke"]["strengths"] == [32]
+
+
 def test_not_an_object():
     assert "$: [1, 2] is not of type 'object'" in errors_of([1, 2])
 
