@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -273,25 +274,27 @@ def _fmt(value: float | None, fmt: str) -> str:
 
 
 def render(doc: dict, console: Console) -> None:
+    batch = "/".join(sorted({f"{c['batch_size']} train, {c['eval_batch_size']} eval" for c in doc["cells"]}))
     table = Table(title=f"harness bench {doc['spec_name']} on {doc['device_name']} "
-                        f"({doc['performance']['precision']}, {doc['threads']} threads)", title_justify="left")
-    for col in ("cell", "batch", "train img/s", "train GFLOP/img", "train % peak", "eval img/s", "eval GFLOP/img",
-                "vs plain", "vs plain (same prec.)", "vs hand"):
-        table.add_column(col, justify="left" if col == "cell" else "right")
+                        f"({doc['performance']['precision']}, {doc['threads']} threads, batch {batch})",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)  # no vertical rules: fits 80 columns
+    for col in ("cell", "train/s", "GFLOP", "%peak", "eval/s", "xplain", "xsame", "xhand"):
+        table.add_column(col, justify="left" if col == "cell" else "right", no_wrap=True)
     for c in doc["cells"]:
         b = c["baselines"] or {}
         table.add_row(
-            c["id"], str(c["batch_size"]), _fmt(c["train"]["images_per_s"], "{:.1f}"),
-            _fmt(c["train"]["flops_per_image"] / 1e9, "{:.4f}"),
+            c["id"], _fmt(c["train"]["images_per_s"], "{:.0f}"),
+            _fmt(c["train"]["flops_per_image"] / 1e9, "{:.3g}"),
             _fmt(None if c["train"]["peak_fraction"] is None else 100 * c["train"]["peak_fraction"], "{:.1f}"),
-            _fmt(c["eval"]["images_per_s"], "{:.1f}"), _fmt(c["eval"]["flops_per_image"] / 1e9, "{:.4f}"),
+            _fmt(c["eval"]["images_per_s"], "{:.0f}"),
             _fmt(b.get("vs_plain"), "{:.2f}x"), _fmt(b.get("vs_plain_same"), "{:.2f}x"), _fmt(b.get("vs_hand"), "{:.2f}x"),
         )
     console.print(table)
-    console.print("vs plain: time of advertorch's LinfPGDAttack called plainly (fp32, NCHW, train mode, trainable "
-                  "parameters); vs plain (same prec.): the same call under the harness's precision and layout; vs hand: "
-                  "a hand-written PGD loop under them; each divided by the harness's step (same run, interleaved). "
-                  "> 1 means the harness is faster.", highlight=False)
+    console.print("train/s, eval/s: images per second of the training step and of evaluation; GFLOP and %peak: "
+                  "per training image, and of the device's peak (GPUs in the peak table). xplain: time of advertorch's "
+                  "LinfPGDAttack called plainly (fp32, NCHW, train mode, trainable parameters); xsame: that call under "
+                  "the harness's precision and layout; xhand: a hand-written PGD loop under them; each divided by the "
+                  "harness's step (same run, interleaved): > 1 means the harness is faster.", highlight=False)
 
 
 def write(doc: dict, path: Path) -> None:

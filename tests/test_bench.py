@@ -33,7 +33,7 @@ def test_bench_writes_rates_flops_and_baseline_ratios(bench_spec, write_spec, tm
                                       "--eval-batch-size", "16", "--warmup", "0", "--repeats", "1"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "vs plain" in result.output and "lenet__s32" in result.output
+    assert "xplain" in result.output and "lenet__s32" in result.output
     doc = json.loads(out.read_text())
     assert doc["device"] == "cpu" and doc["peak_tflops"] is None
     assert doc["performance"]["precision"] == performance["precision"]
