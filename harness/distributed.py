@@ -22,8 +22,9 @@ A stop request (SIGINT/SIGTERM, harness.interrupt) is agreed on: at every step b
 one rank) stops every rank at the same boundary, where rank 0 writes the checkpoint; without it the rank that
 stopped first would leave the other blocked in DDP's gradient all-reduce until it crashed, losing the epoch.
 
-Known limit: a non-finite loss raises on the rank that sees it; a rank whose shard stayed finite meets the NaN
-averaged into its gradients one step later, so all ranks stop, but not at the same step.
+A non-finite loss is agreed on the same way (`all_true`, before the backward pass): one rank's NaN fails the
+cell on every rank at the same step, so the ranks go on to the next cell together; without it the rank whose
+shard stayed finite would wait in the backward's all-reduce for a rank that had left the cell.
 """
 
 from __future__ import annotations
@@ -135,6 +136,13 @@ class Distributed:
             return bool(signum)
 
         return requested
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (one all-reduce, min, of one integer)."""
+        device = getattr(self, "_device", torch.device("cpu"))
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+        return bool(t.item())
 
     def sum_totals(self, total: float, seen: int) -> tuple[float, int]:
         device = getattr(self, "_device", torch.device("cpu"))

@@ -25,6 +25,7 @@ joins both so that the training loop calls one object at a few points.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -148,6 +149,11 @@ class Runtime:
         with self.performance.autocast():
             loss = defense.loss(model, x, y)
         return loss.float()
+
+    def all_finite(self, value: float) -> bool:
+        """Whether the step's loss is finite on every rank (agreed under DDP, so all ranks stop at the same step)."""
+        finite = math.isfinite(value)
+        return self.distributed.all_true(finite) if self.distributed is not None else finite
 
     def epoch_totals(self, total: float, seen: int) -> tuple[float, int]:
         """The epoch's summed objective and sample count over all ranks."""

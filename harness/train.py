@@ -19,8 +19,9 @@ from harness.plugin import DataSplits, DefensePlugin
 
 class NonFiniteLoss(RunFailure):
     def __init__(self, epoch: int, step: int, value: float):
+        what = f"became {value}" if not math.isfinite(value) else "became non-finite in another process's shard"
         super().__init__(
-            f"training loss became {value} at epoch {epoch}, step {step}",
+            f"training loss {what} at epoch {epoch}, step {step}",
             fix="lower the learning rate or check the defense; the other cells are unaffected",
         )
         self.epoch, self.step = epoch, step
@@ -89,7 +90,7 @@ def train(
         for step, (x, y) in enumerate(steps, start=skip + 1):
             loss = runtime.loss(defense, step_model, x, y)
             value = float(loss.detach())
-            if not math.isfinite(value):
+            if not runtime.all_finite(value):  # under DDP: on any rank
                 raise NonFiniteLoss(epoch, step, value)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
