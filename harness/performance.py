@@ -49,8 +49,9 @@ def native_bf16(device: torch.device) -> bool:
     faster (not measured)."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return bool(torch.cpu._is_amx_tile_supported())
+    if device.type == "cpu":  # a private torch API (2.1+): a torch without it is treated as no AMX
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(amx()) if callable(amx) else False
     return False
 
 
