@@ -135,12 +135,13 @@ def _flops(fn: Callable[[], object]) -> int:
 def bench_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, performance: Performance,
                batch_size: int, eval_batch_size: int, warmup: int, repeats: int) -> dict:
     cfg = spec["training"]
-    runtime = Runtime(performance)
     defense_entry = spec["defense"]
     defense = registry.load("defense", defense_entry["name"])(eps=to_unit(cell.strength), **defense_entry["options"])
     seed_everything(spec["seed"])
     base = registry.load("model", cell.model["name"])(**cell.model["options"]).build(data.num_classes, data.input_shape)
-    base = performance.prepare_model(base.to(device))
+    performance = performance.for_model(base.to(device), data.input_shape)  # as harness.runner.run_cell does
+    base = performance.prepare_model(base)
+    runtime = Runtime(performance)
 
     x, y = next(batches(data.train, batch_size, device, transform=data.augment,
                         generator=torch.Generator().manual_seed(spec["seed"])))
@@ -219,7 +220,7 @@ def bench_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, p
     evaluation = _median_rate(eval_times, m)
     result = {
         "id": cell.id, "model": cell.model["label"], "defense": defense_entry["name"], "strength": cell.strength,
-        "batch_size": n, "eval_batch_size": m, "eval_attack": first["label"],
+        "batch_size": n, "eval_batch_size": m, "eval_attack": first["label"], "performance": performance.describe(),
         "train": dict(train, flops_per_image=train_flops,
                       peak_fraction=None if peak is None else train_flops * train["images_per_s"] / (peak * 1e12)),
         "eval": dict(evaluation, flops_per_image=eval_flops,

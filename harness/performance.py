@@ -9,6 +9,10 @@ Defaults are the fastest settings that keep results sound:
   accuracy and attack success) always runs in fp32: the table's numbers never depend on this option. bf16
   adversaries were checked against fp32 ones (attack success rate; see README "Performance") and the test
   tests/test_performance.py keeps that agreement within its stated tolerance.
+  One known exception is checked per model (`for_model`): oneDNN's bf16 convolution writes garbage into the
+  weight gradient (uninitialised memory, up to 1e38, varying from call to call) when a convolution's stride
+  exceeds its input size along a spatial dimension (e.g. a stride-2 3x3 conv on a 1x1 feature map: timm
+  ResNets on 16x16 inputs). A model with such a convolution trains in fp32 on CPU, and its cells say why.
 - `channels_last: "auto"` is on for CUDA (tensor cores want NHWC) and for CPU bf16 (oneDNN's AMX kernels want
   it too: +23% VGG16, +52% LeNet), off for CPU fp32 (there it slowed VGG16 by 19%).
 - `data_on_device: "auto"` moves both splits to the GPU once, as uint8 (or whatever dtype the plugin gave);
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -65,6 +69,7 @@ class Performance:
     data_on_device: bool = False
     compile: bool = False
     tf32: bool = True
+    note: str | None = None  # why the options differ from what the spec resolved to (see for_model)
 
     @classmethod
     def from_spec(cls, options: dict | None, device: torch.device) -> "Performance":
@@ -118,10 +123,57 @@ class Performance:
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
+    def for_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> "Performance":
+        """These options for `model` on inputs of `input_shape` (C, H, W): fp32 instead of bf16 on CPU when a
+        convolution of the model has the geometry in which oneDNN's bf16 weight gradient is garbage (module doc);
+        the returned options carry the reason in `note`."""
+        if self.precision != "bf16" or self.device.type != "cpu":
+            return self
+        hazards = cpu_bf16_conv_hazards(model, input_shape)
+        if not hazards:
+            return self
+        more = f" and {len(hazards) - 1} more" if len(hazards) > 1 else ""
+        note = (f"trained in fp32, not bf16: on CPU, oneDNN's bf16 convolution returns garbage weight gradients "
+                f"when the stride exceeds the input size, as in {hazards[0]}{more}")
+        return replace(self, precision="fp32", channels_last=False, note=note)
+
     def describe(self) -> dict:
         return {"precision": self.precision, "channels_last": self.channels_last,
                 "data_on_device": self.data_on_device, "compile": self.compile,
-                "tf32": self.tf32 and self.device.type == "cuda"}
+                "tf32": self.tf32 and self.device.type == "cuda", **({"note": self.note} if self.note else {})}
+
+
+def cpu_bf16_conv_hazards(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """The convolutions of `model` whose stride exceeds their input size along some spatial dimension, found by
+    one forward pass of a zero image of `input_shape`, e.g. ["layer4.0.conv1 (stride 2 on 1x1)"].
+
+    Why: measured on torch 2.14.1 (oneDNN, Sapphire Rapids), every observed case of garbage bf16 weight gradients
+    over a sweep of input sizes 1-8, strides 1-4, kernels 1-5, paddings 0-2, dilations 1-2, groups, NCHW and
+    NHWC had a stride larger than the input; the condition is kept that broad because the garbage comes from
+    uninitialised memory and shows up only on some calls."""
+    found: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def check(module: nn.Module, args) -> None:
+        x = args[0]
+        spatial, strides = x.shape[2:], module.stride
+        if any(s > size for s, size in zip(strides, spatial)):
+            found.append(f"{names.get(module, type(module).__name__)} (stride {'x'.join(map(str, strides))} on "
+                         f"{'x'.join(map(str, spatial))})")
+
+    hooks = [m.register_forward_pre_hook(check) for m in model.modules()
+             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            param = next(model.parameters(), None)
+            model(torch.zeros((1, *input_shape), device=param.device if param is not None else None))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found
 
 
 @dataclass

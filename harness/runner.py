@@ -6,6 +6,7 @@ assembled from those files, so a failure in one cell never touches the results o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -177,7 +178,11 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     model_cls = registry.load("model", cell.model["name"])
     model = model_cls(**cell.model["options"]).build(data.num_classes, data.input_shape).to(device)
     if runtime is not None and runtime.performance is not None:
-        runtime.performance.prepare_model(model)
+        performance = runtime.performance.for_model(model, data.input_shape)  # bf16 -> fp32 where oneDNN fails
+        if performance is not runtime.performance:
+            runtime = dataclasses.replace(runtime, performance=performance)
+            progress.console.print(f"[yellow]cell {cell.id}: {performance.note}[/yellow]", highlight=False)
+        performance.prepare_model(model)
     defense_entry = spec["defense"]
     defense = registry.load("defense", defense_entry["name"])(eps=to_unit(cell.strength), **defense_entry["options"])
     attacks = build_attacks(spec)

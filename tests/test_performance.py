@@ -34,6 +34,34 @@ def test_auto_resolves_to_the_fastest_sound_setting_per_device(monkeypatch, nati
     assert Performance.from_spec({"precision": "fp32", "channels_last": False}, CUDA).describe()["precision"] == "fp32"
 
 
+def test_bf16_falls_back_to_fp32_on_cpu_for_convolutions_striding_past_their_input():
+    """oneDNN's bf16 weight gradient is garbage when a conv's stride exceeds its input (harness.performance)."""
+    from torch import nn
+
+    from harness.performance import cpu_bf16_conv_hazards
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(4),  # 4x4 -> 1x1
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(8, 2))
+    assert cpu_bf16_conv_hazards(model, (3, 4, 4)) == ["2 (stride 2x2 on 1x1)"]
+    assert cpu_bf16_conv_hazards(model, (3, 8, 8)) == []  # 2x2 maps: stride 2 does not exceed them
+    model.train()
+    bf16 = Performance.from_spec({"precision": "bf16", "channels_last": True}, CPU)
+    safe = bf16.for_model(model, (3, 4, 4))
+    assert (safe.precision, safe.channels_last) == ("fp32", False) and "2 (stride 2x2 on 1x1)" in safe.note
+    assert safe.describe()["note"] == safe.note and model.training  # the probe left the mode as it was
+    assert bf16.for_model(model, (3, 8, 8)) is bf16
+    assert Performance.from_spec({"precision": "bf16"}, CUDA).for_model(model, (3, 4, 4)).precision == "bf16"
+
+
+@pytest.mark.parametrize("name, shape", [("lenet", (1, 28, 28)), ("lenet", (1, 8, 8)), ("vgg16", (3, 32, 32)),
+                                         ("vgg19", (3, 32, 32)), ("wrn50-2", (3, 64, 64))])
+def test_the_papers_models_keep_bf16(name, shape):
+    from harness.performance import cpu_bf16_conv_hazards
+
+    model = registry.load("model", name)(spectral_norm=True).build(10, shape)
+    assert cpu_bf16_conv_hazards(model, shape) == []
+
+
 def test_spec_section_is_validated_and_defaulted(tiny_spec):
     resolved = spec_mod.validate(tiny_spec)
     assert resolved["performance"] == {"precision": "auto", "channels_last": "auto", "data_on_device": "auto",
