@@ -27,6 +27,17 @@ class NonFiniteLoss(RunFailure):
         self.epoch, self.step = epoch, step
 
 
+class NonFiniteParameters(RunFailure):
+    def __init__(self, epoch: int, names: list[str]):
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        super().__init__(
+            f"parameters became non-finite during epoch {epoch} ({', '.join(names[:3])}{more}) although every "
+            "training loss was finite (a non-finite gradient)",
+            fix="lower the learning rate or check the defense; the last good checkpoint is kept",
+        )
+        self.epoch = epoch
+
+
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
@@ -106,6 +117,11 @@ def train(
                                                  epoch_order, partial))
                 raise TrainingStopped(epoch, step)
         skip = 0
+        # A finite loss can still come with a non-finite gradient (e.g. the last step of the epoch): never
+        # checkpoint, evaluate or analyse such a model. One check per epoch (a GPU sync per epoch, not per step).
+        broken = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:
+            raise NonFiniteParameters(epoch, broken)
         scheduler.step()
         total, seen = runtime.epoch_totals(total, seen)
         history.append({"epoch": epoch, "lr": lr, "train_objective": total / max(seen, 1),

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from rich.console import Console
 
 from harness import checkpoint, spec as spec_mod
@@ -95,6 +96,20 @@ class ExplodeAtEpoch2(DefensePlugin):
         return loss * float("inf") if self.eps > 0 and self.calls >= 5 else loss
 
 
+class NaNGradientEndingEpoch2(DefensePlugin):
+    """Cross-entropy whose value stays finite but whose gradient is NaN at the 4th batch (epoch 2, step 2 of 2):
+    sqrt(0 * loss) is 0, its derivative 0 * inf."""
+
+    def __init__(self, eps):
+        super().__init__(eps)
+        self.calls = 0
+
+    def loss(self, model, x, y):
+        self.calls += 1
+        loss = F.cross_entropy(model(x), y)
+        return loss + torch.sqrt(0 * loss) if self.eps > 0 and self.calls == 4 else loss
+
+
 class LeavesTheBall(AttackPlugin):
     """Fine for the first cell; from then on it moves images by 3 eps (a broken projection)."""
 
@@ -115,7 +130,7 @@ def evil_plugins(tmp_path, monkeypatch):
     (site / "evil_plugins-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: evil-plugins\n"
                                                                  "Version: 0.1\n")
     (site / "evil_plugins-0.1.dist-info" / "entry_points.txt").write_text(
-        "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\n\n"
+        "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\nnan-gradient = evil_plugins:NaNGradientEndingEpoch2\n\n"
         "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\n\n"
         "[harness.models]\nbroken = evil_broken:Net\n")
     monkeypatch.syspath_prepend(str(site))
@@ -145,6 +160,24 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(evil_plugins, tiny_spec,
     assert again.exit_code == 0, again.output
     cell = json.loads((out / "cells" / "lenet__s8.json").read_text())
     assert cell["resumed_from"] == {"epoch": 1, "step": 0} and [h["epoch"] for h in cell["history"]] == [1, 2]
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_fails_the_cell_without_checkpointing_it(evil_plugins, tiny_spec,
+                                                                                          write_spec, tmp_path):
+    """The last step of an epoch can leave NaN weights behind a finite loss: the cell fails by name before that
+    state is checkpointed, evaluated or analysed (an SVD of NaN weights used to crash the run with a traceback)."""
+    out = tmp_path / "out"
+    tiny_spec["dataset"]["max_train"] = 64
+    tiny_spec["defense"] = {"name": "nan-gradient", "strengths": [0, 8]}
+    tiny_spec["training"].update(epochs=2, batch_size=32)  # 2 steps per epoch: the 4th call ends epoch 2
+    result = invoke("run", write_spec(tiny_spec), "--out", out)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "parameters became non-finite during epoch 2" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [c["status"] for c in report["cells"]] == ["done", "failed"]
+    last_good = checkpoint.load(out / "checkpoints" / "lenet__s8.pt")
+    assert last_good["epoch"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in last_good["model"].values() if v.is_floating_point())
 
 
 def test_attack_outside_its_ball_fails_by_name_and_other_cells_stay(evil_plugins, tiny_spec, write_spec, tmp_path):
