@@ -62,8 +62,10 @@ def cli() -> None:
               "output folder first (by default finished cells are kept and interrupted ones resume).")
 @click.option("--force", is_flag=True, help="Resume from checkpoints even though the training-relevant part of "
               "the spec changed since they were written (refused by default, exit 2).")
+@click.option("--seed", type=click.IntRange(min=0), help="Run with this seed instead of the spec's (default output "
+              "folder reports/<spec name>-seed<N>/); `harness report --across-seeds` summarises several seeds.")
 def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None,
-        cell_ids: tuple[str, ...], fresh: bool, force: bool) -> None:
+        cell_ids: tuple[str, ...], fresh: bool, force: bool, seed: int | None) -> None:
     """Train and evaluate every cell of SPEC; write report.json and print the table.
 
     Every epoch of every cell is checkpointed under OUT/checkpoints/. Running the same command again skips the
@@ -82,12 +84,16 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
     spec = spec_mod.load(spec_path)
     if data_root is not None:
         spec["dataset"]["root"] = str(data_root)
-    out_dir = out_dir or inside(Path("reports"), spec["name"] + ("-smoke" if smoke else ""), where="$.name")
+    if seed is not None:
+        spec["seed"] = seed
+    default_name = spec["name"] + (f"-seed{seed}" if seed is not None else "") + ("-smoke" if smoke else "")
+    out_dir = out_dir or inside(Path("reports"), default_name, where="$.name")
     try:
         report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=list(cell_ids), fresh=fresh, force=force)
     except Interrupted as exc:
         again = ["harness", "run", str(spec_path), "--out", str(out_dir)]  # never --fresh: that would start over
         again += (["--smoke"] if smoke else []) + (["--data-root", str(data_root)] if data_root else [])
+        again += ["--seed", str(seed)] if seed is not None else []
         again += [arg for cell_id in cell_ids for arg in ("--cell", cell_id)]
         exc.fix = "resume with: " + " ".join(shlex.quote(a) for a in again)
         raise
@@ -156,15 +162,31 @@ def _write_figures(report: dict, out_dir: Path) -> None:
               help="Folder for the figures (and, when several reports merge, the merged report.json); "
                    "default: DIR itself when nothing is merged, else reports/<spec name>-merged/.")
 @click.option("--no-figures", is_flag=True, help="Only print the table.")
-def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bool) -> None:
+@click.option("--across-seeds", is_flag=True, help="The DIRs are runs of one spec with different seeds "
+              "(`harness run SPEC --seed N`): print mean ± sd per cell and write seeds.json (default folder "
+              "reports/<spec name>-seeds/); no figures.")
+def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bool, across_seeds: bool) -> None:
     """Print the table and redraw Figures 2-4 of saved reports, without recomputing anything.
 
     Each DIR is the output folder of `harness run` (or a report.json file). The cells of several DIRs, such as
     cells run separately, merge into one table when their specs agree; a cell present in two DIRs is taken from
-    the later one.
+    the later one. With --across-seeds the DIRs are seeds of one experiment instead, summarised cell by cell.
     """
     from harness import merge
     from harness.report import render_table, write_json_atomic
+
+    if across_seeds:
+        from harness import seeds
+        from harness.paths import inside
+
+        summary, notes = seeds.summarize(list(paths))
+        for note in notes:
+            err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+        seeds.render(summary, console)
+        out_dir = out_dir or inside(Path("reports"), summary["spec"]["name"] + "-seeds", where="$.name")
+        write_json_atomic(out_dir / "seeds.json", summary)
+        console.print(f"across-seeds summary: {out_dir / 'seeds.json'}", highlight=False)
+        return
 
     report, notes, merged = merge.load(list(paths))
     for note in notes:

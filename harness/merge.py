@@ -80,7 +80,7 @@ def _source(path: Path) -> tuple[dict | None, list[tuple[dict, str]], list[str]]
     return report, cells, notes
 
 
-def _differences(a: dict, b: dict) -> list[str]:
+def differences(a: dict, b: dict) -> list[str]:
     ea, eb = _essentials(a), _essentials(b)
     diffs = [key for key in MATTERS if key in a and key in b and ea[key] != eb[key]]
     models_a = {m["label"]: (m["name"], m.get("options")) for m in a["models"]}
@@ -116,7 +116,7 @@ def load(paths: list[Path]) -> tuple[dict, list[str], bool]:
     spec = copy.deepcopy(first["spec"])
     problems = []
     for report, where in reports[1:]:
-        diffs = _differences(spec, report["spec"])
+        diffs = differences(spec, report["spec"])
         if diffs:
             problems.append(f"{where} differs from {first_path} in: {', '.join(diffs)}")
         labels = {m["label"] for m in spec["models"]}

@@ -1,0 +1,97 @@
+"""Seeds: `harness run SPEC --seed N` runs the same experiment with another seed into its own folder, and
+`harness report --across-seeds DIR...` summarises such runs per cell as mean ± sd, refusing runs that are not
+seeds of one experiment."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from conftest import invoke
+
+
+@pytest.fixture
+def spec(tiny_spec):
+    tiny_spec["dataset"].update(max_train=64, max_test=32)
+    tiny_spec["defense"]["options"]["steps"] = 1
+    tiny_spec["evaluation"]["attacks"][0]["options"]["steps"] = 1
+    tiny_spec["evaluation"]["checks"] = {"enabled": False}
+    tiny_spec["analysis"] = {"enabled": False}
+    return tiny_spec
+
+
+def test_seed_runs_summarise_as_mean_and_sd_of_each_cell(spec, write_spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_spec(spec)
+    for seed in (1, 2):
+        result = invoke("run", path, "--seed", seed)  # default folder: reports/<name>-seed<N>
+        assert result.exit_code == 0, result.output
+    runs = [json.loads((tmp_path / "reports" / f"tiny-seed{seed}" / "report.json").read_text()) for seed in (1, 2)]
+    assert [r["spec"]["seed"] for r in runs] == [1, 2]
+    # different seeds, different models: a summary of identical numbers would prove nothing
+    assert runs[0]["cells"][1]["metrics"]["train_loss"] != runs[1]["cells"][1]["metrics"]["train_loss"]
+
+    result = invoke("report", "--across-seeds", "reports/tiny-seed1", "reports/tiny-seed2")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps the title to the terminal's width
+    assert "mean ± sd over seeds 1, 2" in text
+    summary = json.loads((tmp_path / "reports" / "tiny-seeds" / "seeds.json").read_text())
+    assert summary["seeds"] == [1, 2] and "seed" not in summary["spec"]
+    assert [(c["model"], c["strength"], c["n"]) for c in summary["cells"]] == [("lenet", 0, 2), ("lenet", 32, 2)]
+    for i, cell in enumerate(summary["cells"]):
+        for key in ("clean_acc", "ge", "pgd_acc"):
+            values = [r["cells"][i]["metrics"][key] for r in runs]
+            stats = cell["metrics"][key]
+            assert stats["values"] == values
+            assert stats["mean"] == pytest.approx(statistics.fmean(values))
+            assert stats["sd"] == pytest.approx(statistics.stdev(values))
+    ge = summary["cells"][1]["metrics"]["ge"]
+    assert f"{ge['mean']:.4f}±{ge['sd']:.4f}" in text
+
+
+def test_runs_that_are_not_seeds_of_one_experiment_are_refused(spec, write_spec, tmp_path):
+    path = write_spec(spec)
+    other = write_spec(dict(spec, training=dict(spec["training"], lr=0.05)), "other.json")
+    for args in (("--seed", 1, "--out", tmp_path / "a"), ("--seed", 1, "--out", tmp_path / "b")):
+        assert invoke("run", path, *args).exit_code == 0
+    assert invoke("run", other, "--seed", 2, "--out", tmp_path / "c").exit_code == 0
+
+    same_seed = invoke("report", "--across-seeds", tmp_path / "a", tmp_path / "b")
+    assert same_seed.exit_code == 2 and "both ran seed 1" in same_seed.output
+    other_lr = invoke("report", "--across-seeds", tmp_path / "a", tmp_path / "c")
+    assert other_lr.exit_code == 2 and "differs from" in other_lr.output and "training" in other_lr.output
+    alone = invoke("report", "--across-seeds", tmp_path / "a")
+    assert alone.exit_code == 2 and "at least two seeds" in alone.output
+    # and a plain merge of two seeds is refused too: their cells cannot share one table
+    merged = invoke("report", tmp_path / "a", tmp_path / "c")
+    assert merged.exit_code == 2
+
+
+def test_an_interrupted_seed_run_resumes_with_its_seed(spec, write_spec, tmp_path):
+    """The resume command printed after a signal must keep --seed, or it would resume another experiment."""
+    import signal
+
+    from harness import checkpoint
+
+    spec["training"].update(epochs=2)
+    path = write_spec(spec)
+    real_save = checkpoint.save
+
+    def save_then_signal(ckpt_path, state):
+        real_save(ckpt_path, state)
+        signal.raise_signal(signal.SIGTERM)
+
+    import harness.runner
+
+    harness.runner.checkpoint.save = save_then_signal
+    try:
+        result = invoke("run", path, "--seed", 3, "--out", tmp_path / "out")
+    finally:
+        harness.runner.checkpoint.save = real_save
+    assert result.exit_code == 143
+    assert f"--out {tmp_path / 'out'} --seed 3" in result.output
+    resumed = invoke("run", path, "--seed", 3, "--out", tmp_path / "out")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["spec"]["seed"] == 3
