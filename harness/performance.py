@@ -148,8 +148,8 @@ def cpu_bf16_conv_hazards(model: nn.Module, input_shape: tuple[int, ...]) -> lis
     one forward pass of a zero image of `input_shape`, e.g. ["layer4.0.conv1 (stride 2 on 1x1)"].
 
     Why: measured on torch 2.14.1 (oneDNN, Sapphire Rapids), every observed case of garbage bf16 weight gradients
-    over a sweep of input sizes 1-8, strides 1-4, kernels 1-5, paddings 0-2, dilations 1-2, groups, NCHW and
-    NHWC had a stride larger than the input; the condition is kept that broad because the garbage comes from
+    in two sweeps (inputs 1-8, strides 1-3, kernels 1/3/5, NCHW and NHWC; inputs 1-6, strides 1-4, kernels 1-5,
+    paddings 0-2, dilations 1-2, grouped and dense) had a stride larger than the input; the condition is kept that broad because the garbage comes from
     uninitialised memory and shows up only on some calls."""
     found: list[str] = []
     names = {m: n for n, m in model.named_modules()}
