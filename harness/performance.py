@@ -145,7 +145,7 @@ class Performance:
 
 def cpu_bf16_conv_hazards(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     """The convolutions of `model` whose stride exceeds their input size along some spatial dimension, found by
-    one forward pass of a zero image of `input_shape`, e.g. ["layer4.0.conv1 (stride 2 on 1x1)"].
+    one forward pass of a zero image of `input_shape`, e.g. ["layer4.0.conv1 (stride 2x2 on 1x1)"].
 
     Why: measured on torch 2.14.1 (oneDNN, Sapphire Rapids), every observed case of garbage bf16 weight gradients
     in two sweeps (inputs 1-8, strides 1-3, kernels 1/3/5, NCHW and NHWC; inputs 1-6, strides 1-4, kernels 1-5,
