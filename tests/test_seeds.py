@@ -95,3 +95,24 @@ def test_an_interrupted_seed_run_resumes_with_its_seed(spec, write_spec, tmp_pat
     resumed = invoke("run", path, "--seed", 3, "--out", tmp_path / "out")
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((tmp_path / "out" / "report.json").read_text())["spec"]["seed"] == 3
+
+
+def test_a_cell_that_failed_for_one_seed_is_left_out_of_its_statistics_and_named(spec, write_spec, tmp_path):
+    path = write_spec(spec)
+    for seed in (1, 2, 3):
+        assert invoke("run", path, "--seed", seed, "--out", tmp_path / f"s{seed}").exit_code == 0
+    report_path = tmp_path / "s3" / "report.json"
+    report = json.loads(report_path.read_text())  # as if seed 3's strength-32 cell had diverged
+    report["cells"][1] = {k: report["cells"][1][k] for k in ("id", "model", "defense", "strength")}
+    report["cells"][1].update(status="failed", error="training loss became nan at epoch 1, step 1")
+    report_path.write_text(json.dumps(report))
+    (tmp_path / "s3" / "cells" / "lenet__s32.json").write_text(json.dumps(report["cells"][1]))
+
+    result = invoke("report", "--across-seeds", *(tmp_path / f"s{seed}" for seed in (1, 2, 3)), "--out", tmp_path / "agg")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "agg" / "seeds.json").read_text())
+    s0, s32 = summary["cells"]
+    assert (s0["n"], s0["seeds"], s0["failed_seeds"]) == (3, [1, 2, 3], [])
+    assert (s32["n"], s32["seeds"], s32["failed_seeds"]) == (2, [1, 2], [3])
+    assert len(s32["metrics"]["ge"]["values"]) == 2
+    assert "failed for seed(s) 3, left out of its statistics" in " ".join(result.output.split())
