@@ -163,8 +163,8 @@ def _write_figures(report: dict, out_dir: Path) -> None:
                    "default: DIR itself when nothing is merged, else reports/<spec name>-merged/.")
 @click.option("--no-figures", is_flag=True, help="Only print the table.")
 @click.option("--across-seeds", is_flag=True, help="The DIRs are runs of one spec with different seeds "
-              "(`harness run SPEC --seed N`): print mean ± sd per cell and write seeds.json (default folder "
-              "reports/<spec name>-seeds/); no figures.")
+              "(`harness run SPEC --seed N`): print mean ± sd per cell and write seeds.json and Figures 2-4 with "
+              "error bars (default folder reports/<spec name>-seeds/).")
 def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bool, across_seeds: bool) -> None:
     """Print the table and redraw Figures 2-4 of saved reports, without recomputing anything.
 
@@ -186,6 +186,11 @@ def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bo
         out_dir = out_dir or inside(Path("reports"), summary["spec"]["name"] + "-seeds", where="$.name")
         write_json_atomic(out_dir / "seeds.json", summary)
         console.print(f"across-seeds summary: {out_dir / 'seeds.json'}", highlight=False)
+        if not no_figures:
+            from harness.figures import make_seed_figures, write_figures
+
+            paths = write_figures(summary, out_dir, make_seed_figures(summary))
+            console.print("figures: " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
         return
 
     report, notes, merged = merge.load(list(paths))

@@ -46,7 +46,10 @@ def _loss_variation(cell: dict) -> float | None:
     return ((cell.get("analysis") or {}).get("loss_variation") or {}).get("max")
 
 
-def _plot(title: str, ylabel: str, measured: dict, paper: dict | None = None, note: str | None = None):
+def _plot(title: str, ylabel: str, measured: dict, paper: dict | None = None, note: str | None = None,
+          errors: dict | None = None):
+    """`measured`/`paper`: model -> [(strength, value)]; `errors`: model -> [sd] aligned with `measured`
+    (drawn as error bars; None entries, cells of a single seed, get none)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
@@ -54,7 +57,11 @@ def _plot(title: str, ylabel: str, measured: dict, paper: dict | None = None, no
     colors = {}
     for model, points in measured.items():
         xs, ys = zip(*points)
-        (line,) = ax.plot(xs, ys, marker="o", label=model)
+        if errors is not None:
+            sds = [0.0 if e is None else e for e in errors[model]]
+            line = ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, label=f"{model} (mean ± sd)").lines[0]
+        else:
+            (line,) = ax.plot(xs, ys, marker="o", label=model)
         colors[model] = line.get_color()
     for model, points in (paper or {}).items():
         xs, ys = zip(*points)
@@ -102,14 +109,45 @@ def make_figures(report: dict) -> dict[str, object]:
     return figures
 
 
-def write_figures(report: dict, out_dir: Path) -> list[Path]:
-    """Write the report's figures as PNG into out_dir; return their paths."""
+def make_seed_figures(summary: dict) -> dict[str, object]:
+    """Figures 2-4 of an across-seeds summary (harness.seeds): the mean over seeds with ± one sd as error bars."""
+    spec = summary["spec"]
+    where = (f"{spec['name']}: {spec['dataset']['name']}, defense {spec['defense']['name']}, "
+             f"seeds {', '.join(map(str, summary['seeds']))}")
+    if summary.get("smoke"):
+        where += " [SMOKE RUNS: not a result]"
+
+    def series(key: str) -> tuple[dict, dict]:
+        means: dict[str, list] = {}
+        sds: dict[str, list] = {}
+        for cell in sorted(summary["cells"], key=lambda c: c["strength"]):
+            stats = cell["metrics"].get(key)
+            if stats is not None:
+                means.setdefault(cell["model"], []).append((float(cell["strength"]), stats["mean"]))
+                sds.setdefault(cell["model"], []).append(stats["sd"])
+        return means, sds
+
+    figures = {}
+    for name, key, title, ylabel in (
+            ("fig2_ge_seeds.png", "ge", "Fig. 2: generalization error vs defensive strength",
+             "GE = test − train cross-entropy (nats)"),
+            ("fig3_loss_variation_seeds.png", "max_loss_variation",
+             "Fig. 3: max loss variation in the ε-ball vs defensive strength", "max |CE(x′) − CE(x)| (nats)"),
+            ("fig4_pgd_seeds.png", "pgd_acc", "Fig. 4: PGD accuracy vs defensive strength", "accuracy under attack (%)")):
+        means, sds = series(key)
+        if means:
+            figures[name] = _plot(f"{title}\n{where}", ylabel, means, errors=sds)
+    return figures
+
+
+def write_figures(report: dict, out_dir: Path, figures: dict[str, object] | None = None) -> list[Path]:
+    """Write the report's figures (or the given ones) as PNG into out_dir; return their paths."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, fig in make_figures(report).items():
+    for name, fig in (make_figures(report) if figures is None else figures).items():
         FigureCanvasAgg(fig)
         path = out_dir / name
         tmp = out_dir / f".{name}.tmp"

@@ -71,6 +71,9 @@ def summarize(paths: list[Path]) -> tuple[dict, list[str]]:
                 value = cell["metrics"].get(key)
                 if value is not None:
                     entry["raw"][key].append(value)
+            variation = ((cell.get("analysis") or {}).get("loss_variation") or {}).get("max")  # Fig. 3
+            if variation is not None:
+                entry["raw"].setdefault("max_loss_variation", []).append(variation)
     order = {m["label"]: i for i, m in enumerate(first["spec"]["models"])}
     summary_cells = []
     for (model, strength), entry in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][1])):

@@ -50,6 +50,19 @@ def test_seed_runs_summarise_as_mean_and_sd_of_each_cell(spec, write_spec, tmp_p
     ge = summary["cells"][1]["metrics"]["ge"]
     assert f"{ge['mean']:.4f}±{ge['sd']:.4f}" in text
 
+    # Figures 2 and 4 with error bars (Fig. 3 needs the analysis, disabled here)
+    folder = tmp_path / "reports" / "tiny-seeds"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["fig2_ge_seeds.png", "fig4_pgd_seeds.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in folder.glob("*.png"))
+    from harness.figures import make_seed_figures
+
+    (bars,) = make_seed_figures(summary)["fig2_ge_seeds.png"].axes[0].containers  # one model: one errorbar
+    means = [c["metrics"]["ge"]["mean"] for c in summary["cells"]]
+    sds = [c["metrics"]["ge"]["sd"] for c in summary["cells"]]
+    assert list(bars.lines[0].get_ydata()) == pytest.approx(means)
+    segments = bars.lines[2][0].get_segments()  # the vertical bars: mean - sd to mean + sd
+    assert [seg[1][1] - seg[0][1] for seg in segments] == pytest.approx([2 * sd for sd in sds])
+
 
 def test_runs_that_are_not_seeds_of_one_experiment_are_refused(spec, write_spec, tmp_path):
     path = write_spec(spec)
