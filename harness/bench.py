@@ -154,8 +154,8 @@ def bench_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, p
     step_models = {variants[0].model: runtime.training_model(variants[0].model)}
     baselines = defense_entry["name"] == "pgd-at" and cell.strength > 0
     if baselines:
-        opts, eps = defense_entry["options"], to_unit(cell.strength)
-        steps, alpha, rand = opts["steps"], to_unit(opts["step_size"]), opts["random_start"]
+        # the pgd-at defense's own settings (harness.plugin.PGDSettings), in [0, 1] units
+        eps, steps, alpha, rand = defense.eps, defense.steps, defense.step_size, defense.random_start
         attacks = import_advertorch()
 
         def plain_call(model, xb, yb):

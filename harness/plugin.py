@@ -40,6 +40,17 @@ PGD_OPTIONS = {
 }
 
 
+class PGDSettings:
+    """Mixin for a Linf PGD attack or defense: the PGD_OPTIONS schema, and steps / step_size (in [0, 1] units) /
+    random_start set from them. Put it before the plugin base: `class MyPGD(PGDSettings, AttackPlugin)`."""
+
+    options_schema: ClassVar[dict] = {"type": "object", "additionalProperties": False, "properties": PGD_OPTIONS}
+
+    def __init__(self, eps: float, steps: int = 10, step_size: float = 2.0, random_start: bool = True):
+        super().__init__(eps)  # type: ignore[call-arg]  # the plugin base's
+        self.steps, self.step_size, self.random_start = steps, to_unit(step_size), random_start
+
+
 def empty_schema() -> dict:
     return {"type": "object", "properties": {}, "additionalProperties": False}
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from harness.compat import import_advertorch
-from harness.plugin import PGD_OPTIONS, AttackPlugin, to_unit
+from harness.plugin import PGD_OPTIONS, AttackPlugin, PGDSettings
 
 
-class AdvertorchLinfPGD(AttackPlugin):
+class AdvertorchLinfPGD(PGDSettings, AttackPlugin):
     """advertorch.attacks.LinfPGDAttack with an absolute step size on the 0-255 scale, best of `restarts` runs."""
 
     options_schema = {
@@ -28,8 +28,8 @@ class AdvertorchLinfPGD(AttackPlugin):
 
     def __init__(self, eps: float, steps: int = 10, step_size: float = 2.0, random_start: bool = True,
                  restarts: int = 1):
-        super().__init__(eps)
-        self.steps, self.step_size, self.random_start, self.restarts = steps, to_unit(step_size), random_start, restarts
+        super().__init__(eps, steps, step_size, random_start)
+        self.restarts = restarts
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         attacks = import_advertorch()

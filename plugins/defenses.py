@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.compat import import_advertorch
-from harness.plugin import PGD_OPTIONS, DefensePlugin, adversary_mode, to_unit
+from harness.plugin import DefensePlugin, PGDSettings, adversary_mode
 
 
 class NoDefense(DefensePlugin):
@@ -17,18 +17,8 @@ class NoDefense(DefensePlugin):
         return F.cross_entropy(model(x), y)
 
 
-class PGDAdversarialTraining(DefensePlugin):
+class PGDAdversarialTraining(PGDSettings, DefensePlugin):
     """Linf PGD adversarial training through advertorch: every clean image replaced by its adversary (paper A.3)."""
-
-    options_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": PGD_OPTIONS,
-    }
-
-    def __init__(self, eps: float, steps: int = 10, step_size: float = 2.0, random_start: bool = True):
-        super().__init__(eps)
-        self.steps, self.step_size, self.random_start = steps, to_unit(step_size), random_start
 
     def adversary(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         attacks = import_advertorch()

@@ -6,21 +6,11 @@ import torch
 from torch import nn
 
 from harness.compat import import_foolbox
-from harness.plugin import PGD_OPTIONS, AttackPlugin, to_unit
+from harness.plugin import AttackPlugin, PGDSettings
 
 
-class FoolboxLinfPGD(AttackPlugin):
+class FoolboxLinfPGD(PGDSettings, AttackPlugin):
     """foolbox.attacks.LinfPGD with an absolute step size on the 0-255 scale."""
-
-    options_schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": PGD_OPTIONS,
-    }
-
-    def __init__(self, eps: float, steps: int = 10, step_size: float = 2.0, random_start: bool = True):
-        super().__init__(eps)
-        self.steps, self.step_size, self.random_start = steps, to_unit(step_size), random_start
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fb = import_foolbox()
