@@ -127,10 +127,7 @@ class Distributed:
         """`guard.requested` agreed over all ranks (one all-reduce of one integer per call; see the module doc).
         A rank that saw no signal itself adopts the signal another rank saw, to exit with the same code."""
         def requested() -> bool:
-            device = getattr(self, "_device", torch.device("cpu"))
-            seen = torch.tensor([guard.signum or 0], dtype=torch.int64, device=device)
-            torch_dist.all_reduce(seen, op=torch_dist.ReduceOp.MAX)
-            signum = int(seen.item())
+            signum = int(self._all_reduce([guard.signum or 0], torch.int64, torch_dist.ReduceOp.MAX)[0])
             if signum and guard.signum is None:
                 guard.adopt(signum)
             return bool(signum)
@@ -139,13 +136,14 @@ class Distributed:
 
     def all_true(self, flag: bool) -> bool:
         """Whether `flag` holds on every rank (one all-reduce, min, of one integer)."""
-        device = getattr(self, "_device", torch.device("cpu"))
-        t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
-        return bool(t.item())
+        return bool(self._all_reduce([int(flag)], torch.int64, torch_dist.ReduceOp.MIN)[0])
 
     def sum_totals(self, total: float, seen: int) -> tuple[float, int]:
-        device = getattr(self, "_device", torch.device("cpu"))
-        t = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
-        torch_dist.all_reduce(t)
+        t = self._all_reduce([total, float(seen)], torch.float64, torch_dist.ReduceOp.SUM)
         return float(t[0]), int(t[1])
+
+    def _all_reduce(self, values: list, dtype: torch.dtype, op) -> torch.Tensor:
+        """`values` reduced with `op` over all ranks, on this rank's device (nccl needs CUDA tensors)."""
+        t = torch.tensor(values, dtype=dtype, device=getattr(self, "_device", torch.device("cpu")))
+        torch_dist.all_reduce(t, op=op)
+        return t.cpu()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -202,6 +202,10 @@ class Runtime:
         with self.performance.autocast():
             loss = defense.loss(model, x, y)
         return loss.float()
+
+    def stop_check(self, guard) -> Callable[[], bool]:
+        """The stop request of `guard` (harness.interrupt), agreed over all ranks under DDP."""
+        return self.distributed.agreed_stop(guard) if self.distributed is not None else guard.requested
 
     def all_finite(self, value: float) -> bool:
         """Whether the step's loss is finite on every rank (agreed under DDP, so all ranks stop at the same step)."""

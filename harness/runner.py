@@ -197,10 +197,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     ident = {"cell": cell.id, "fingerprint": checkpoint.fingerprint(view), "spec": view}
     writes = runtime is None or runtime.distributed is None or runtime.distributed.is_main
     save = (lambda state: checkpoint.save(ckpt_path, {**state, **ident})) if ckpt_path is not None and writes else None
-    stop = None
-    if guard is not None:
-        distributed = runtime.distributed if runtime is not None else None
-        stop = distributed.agreed_stop(guard) if distributed is not None else guard.requested
+    stop = (runtime or Runtime()).stop_check(guard) if guard is not None else None
     done = 0 if resume is None else resume["epoch"] * steps_per_epoch(data, cfg) + resume["step"]
 
     task = progress.add_task(f"train {cell.id}", total=cfg["epochs"] * steps_per_epoch(data, cfg), completed=done)
@@ -285,7 +282,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
         console.print("[yellow]stand-in data: synthetic images replace the real dataset; numbers are not results[/yellow]")
     cells = []
     with make_progress(console) as progress, InterruptGuard() as guard:
-        stop = distributed.agreed_stop(guard) if distributed is not None else guard.requested
+        stop = runtime.stop_check(guard)
         for cell in selected:
             result_path, ckpt_path = checkpoint.cell_paths(out_dir, cell.id)
             if stop():
