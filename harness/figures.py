@@ -42,7 +42,8 @@ def _series(report: dict, value: Callable[[dict], float | None]) -> dict[str, li
     return {model: sorted(points) for model, points in out.items()}
 
 
-def _loss_variation(cell: dict) -> float | None:
+def max_loss_variation(cell: dict) -> float | None:
+    """Fig. 3's quantity: the cell analysis' maximal loss variation in the eps-ball (None without analysis)."""
     return ((cell.get("analysis") or {}).get("loss_variation") or {}).get("max")
 
 
@@ -91,9 +92,9 @@ def make_figures(report: dict) -> dict[str, object]:
         figures["fig2_ge.png"] = _plot(
             f"Fig. 2: generalization error vs defensive strength\n{where}",
             "GE = test − train cross-entropy (nats)", ge, _series(report, lambda c: _paper_value(c, "ge")))
-    variation = _series(report, _loss_variation)
+    variation = _series(report, max_loss_variation)
     if variation:
-        radii = sorted({c["analysis"]["eps"] for c in report["cells"] if _loss_variation(c) is not None})
+        radii = sorted({c["analysis"]["eps"] for c in report["cells"] if max_loss_variation(c) is not None})
         figures["fig3_loss_variation.png"] = _plot(
             f"Fig. 3: max loss variation in the ε-ball vs defensive strength\n{where}",
             "max |CE(x′) − CE(x)| (nats)", variation,

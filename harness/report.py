@@ -32,6 +32,10 @@ def write_json_atomic(path: Path, document: Any) -> None:
     write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+# The rows of the paper's Tables 1-2: (row name, metric key, format).
+TABLE_ROWS = [("Acc.", "clean_acc", "{:.2f}"), ("GE", "ge", "{:.4f}"), ("PGD", "pgd_acc", "{:.2f}")]
+
+
 def _fmt_strength(s: float) -> str:
     return f"{s:.1f}" if s != int(s) else f"{int(s)}"
 
@@ -52,12 +56,11 @@ def render_table(report: dict, console: Console) -> None:
     by_model: dict[str, dict[float, dict]] = {}
     for cell in report["cells"]:
         by_model.setdefault(cell["model"], {})[cell["strength"]] = cell
-    rows = [("Acc.", "clean_acc", "{:.2f}"), ("GE", "ge", "{:.4f}"), ("PGD", "pgd_acc", "{:.2f}")]
     paper_key = {"clean_acc": "acc", "ge": "ge", "pgd_acc": "pgd"}
     with_paper = any(c.get("paper") for c in report["cells"])
     for model, cells in by_model.items():
         lines = []
-        for row_name, key, fmt in rows:
+        for row_name, key, fmt in TABLE_ROWS:
             values = []
             for s in strengths:
                 cell = cells.get(s)

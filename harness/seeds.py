@@ -21,9 +21,9 @@ from rich.table import Table
 import harness
 from harness import merge
 from harness.errors import BadInput
+from harness.figures import max_loss_variation
+from harness.report import TABLE_ROWS
 
-# (row name, metric key, format) of the table, as in harness.report.render_table
-ROWS = [("Acc.", "clean_acc", "{:.2f}"), ("GE", "ge", "{:.4f}"), ("PGD", "pgd_acc", "{:.2f}")]
 
 
 def _stats(values: list[float]) -> dict:
@@ -62,16 +62,16 @@ def summarize(paths: list[Path]) -> tuple[dict, list[str]]:
         for cell in report["cells"]:
             entry = cells.setdefault((cell["model"], cell["strength"]),
                                      {"model": cell["model"], "strength": cell["strength"], "seeds": [],
-                                      "failed_seeds": [], "raw": {key: [] for _, key, _ in ROWS}})
+                                      "failed_seeds": [], "raw": {key: [] for _, key, _ in TABLE_ROWS}})
             if cell["status"] != "done":
                 entry["failed_seeds"].append(seed)
                 continue
             entry["seeds"].append(seed)
-            for _, key, _ in ROWS:
+            for _, key, _ in TABLE_ROWS:
                 value = cell["metrics"].get(key)
                 if value is not None:
                     entry["raw"][key].append(value)
-            variation = ((cell.get("analysis") or {}).get("loss_variation") or {}).get("max")  # Fig. 3
+            variation = max_loss_variation(cell)  # Fig. 3
             if variation is not None:
                 entry["raw"].setdefault("max_loss_variation", []).append(variation)
     order = {m["label"]: i for i, m in enumerate(first["spec"]["models"])}
@@ -111,7 +111,7 @@ def render(summary: dict, console: Console) -> None:
     for cell in summary["cells"]:
         by_model.setdefault(cell["model"], {})[cell["strength"]] = cell
     for model, cells in by_model.items():
-        for i, (row_name, key, fmt) in enumerate(ROWS):
+        for i, (row_name, key, fmt) in enumerate(TABLE_ROWS):
             values = []
             for s in strengths:
                 stats = (cells.get(s) or {}).get("metrics", {}).get(key)
@@ -121,7 +121,7 @@ def render(summary: dict, console: Console) -> None:
                 text = fmt.format(stats["mean"])
                 text += f"±{fmt.format(stats['sd'])}" if stats["sd"] is not None else " (1 seed)"
                 values.append(text)
-            table.add_row(model if i == 0 else "", row_name, *values, end_section=i == len(ROWS) - 1)
+            table.add_row(model if i == 0 else "", row_name, *values, end_section=i == len(TABLE_ROWS) - 1)
     console.print(table)
     console.print("columns: defensive strength on the 0-255 scale; sd: sample standard deviation over the seeds "
                   "that finished the cell", highlight=False)
