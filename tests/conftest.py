@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,80 @@ def invoke(*args):
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert "Traceback" not in result.output
     return result
+
+
+# A distribution of misbehaving plugins, for the tests of failure handling (test_safety, test_distributed).
+EVIL_PLUGINS = '''
+import os
+
+import torch
+import torch.nn.functional as F
+from harness.plugin import AttackPlugin, DefensePlugin
+
+CALLS = {"perturb": 0}
+
+
+class CountingCrossEntropy(DefensePlugin):
+    """Cross-entropy that counts its calls; at a positive strength `corrupt` decides what each call returns."""
+
+    def __init__(self, eps):
+        super().__init__(eps)
+        self.calls = 0
+
+    def loss(self, model, x, y):
+        self.calls += 1
+        loss = F.cross_entropy(model(x), y)
+        return self.corrupt(loss) if self.eps > 0 else loss
+
+
+class ExplodeAtEpoch2(CountingCrossEntropy):
+    """Infinite from the 5th batch on (epoch 2 with 4 steps per epoch)."""
+
+    def corrupt(self, loss):
+        return loss * float("inf") if self.calls >= 5 else loss
+
+
+class NaNGradientEndingEpoch2(CountingCrossEntropy):
+    """A finite value but a NaN gradient at the 4th batch (epoch 2, step 2 of 2): sqrt(0 * loss) is 0, its
+    derivative 0 * inf."""
+
+    def corrupt(self, loss):
+        return loss + torch.sqrt(0 * loss) if self.calls == 4 else loss
+
+
+class NaNOnRank1(CountingCrossEntropy):
+    """NaN in torchrun rank 1's shard alone from its 5th batch on (epoch 2, step 1 at 4 steps per epoch)."""
+
+    def corrupt(self, loss):
+        return loss * float("nan") if self.calls >= 5 and os.environ.get("RANK") == "1" else loss
+
+
+class LeavesTheBall(AttackPlugin):
+    """Fine for the first cell; from then on it moves images by 3 eps (a broken projection)."""
+
+    def perturb(self, model, x, y):
+        CALLS["perturb"] += 1
+        step = self.eps if CALLS["perturb"] == 1 else 3 * self.eps
+        return (x + step * torch.sign(torch.randn_like(x))).clamp(0, 1)
+'''
+
+
+@pytest.fixture
+def evil_plugins(tmp_path, monkeypatch):
+    """A distribution `evil-plugins` on sys.path: found by importlib.metadata exactly as an installed one is.
+    Yields its folder (a subprocess finds it through PYTHONPATH)."""
+    site = tmp_path / "site"
+    (site / "evil_plugins-0.1.dist-info").mkdir(parents=True)
+    (site / "evil_plugins.py").write_text(EVIL_PLUGINS)
+    (site / "evil_broken.py").write_text("raise RuntimeError('evil-plugins needs a GPU driver from 2031')\n")
+    (site / "evil_plugins-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: evil-plugins\n"
+                                                                 "Version: 0.1\n")
+    (site / "evil_plugins-0.1.dist-info" / "entry_points.txt").write_text(
+        "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\n"
+        "nan-gradient = evil_plugins:NaNGradientEndingEpoch2\nnan-on-rank-1 = evil_plugins:NaNOnRank1\n\n"
+        "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\n\n"
+        "[harness.models]\nbroken = evil_broken:Net\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    for name in ("evil_plugins", "evil_broken"):
+        sys.modules.pop(name, None)

@@ -152,40 +152,15 @@ def test_a_signal_reaching_one_rank_stops_every_rank_at_the_same_step_and_resume
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in b)
 
 
-NAN_ON_RANK_1 = '''
-import os
-import torch.nn.functional as F
-from harness.plugin import DefensePlugin
-
-
-class NaNOnRank1(DefensePlugin):
-    """Cross-entropy, but NaN in rank 1's shard alone from its 5th batch on (epoch 2, step 1 at 4 steps per epoch)."""
-
-    def __init__(self, eps):
-        super().__init__(eps)
-        self.calls = 0
-
-    def loss(self, model, x, y):
-        self.calls += 1
-        loss = F.cross_entropy(model(x), y)
-        return loss * float("nan") if self.eps > 0 and self.calls >= 5 and os.environ.get("RANK") == "1" else loss
-'''
-
-
-def test_a_non_finite_loss_on_one_rank_fails_the_cell_on_every_rank_and_the_next_cell_runs(tmp_path):
+def test_a_non_finite_loss_on_one_rank_fails_the_cell_on_every_rank_and_the_next_cell_runs(evil_plugins, tmp_path):
     """Rank 0's loss stays finite, rank 1's turns NaN: both must fail the cell at the same step (rank 0 records
     it) and go on to the next cell together, instead of rank 0 waiting in a gradient all-reduce rank 1 left."""
-    site = tmp_path / "site"
-    (site / "nan_plugins-0.1.dist-info").mkdir(parents=True)
-    (site / "nan_plugins.py").write_text(NAN_ON_RANK_1)
-    (site / "nan_plugins-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: nan-plugins\nVersion: 0.1\n")
-    (site / "nan_plugins-0.1.dist-info" / "entry_points.txt").write_text("[harness.defenses]\nnan-on-rank-1 = nan_plugins:NaNOnRank1\n")
     spec = json.loads(json.dumps(SPEC))
     spec["defense"] = {"name": "nan-on-rank-1", "strengths": [8, 0]}
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(site), env.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(evil_plugins), env.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / "out")],

@@ -4,8 +4,6 @@ an attack leaving its eps-ball fails by name, a plugin that raises on import is 
 
 import ast
 import json
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -74,69 +72,7 @@ def test_dataset_root_that_does_not_exist(tiny_spec, write_spec, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ misbehaving plugins
-
-PLUGINS = '''
-import torch
-import torch.nn.functional as F
-from harness.plugin import AttackPlugin, DefensePlugin
-
-CALLS = {"perturb": 0}
-
-
-class ExplodeAtEpoch2(DefensePlugin):
-    """Cross-entropy, but infinite from the 5th batch on at a positive strength (epoch 2 with 4 steps per epoch)."""
-
-    def __init__(self, eps):
-        super().__init__(eps)
-        self.calls = 0
-
-    def loss(self, model, x, y):
-        self.calls += 1
-        loss = F.cross_entropy(model(x), y)
-        return loss * float("inf") if self.eps > 0 and self.calls >= 5 else loss
-
-
-class NaNGradientEndingEpoch2(DefensePlugin):
-    """Cross-entropy whose value stays finite but whose gradient is NaN at the 4th batch (epoch 2, step 2 of 2):
-    sqrt(0 * loss) is 0, its derivative 0 * inf."""
-
-    def __init__(self, eps):
-        super().__init__(eps)
-        self.calls = 0
-
-    def loss(self, model, x, y):
-        self.calls += 1
-        loss = F.cross_entropy(model(x), y)
-        return loss + torch.sqrt(0 * loss) if self.eps > 0 and self.calls == 4 else loss
-
-
-class LeavesTheBall(AttackPlugin):
-    """Fine for the first cell; from then on it moves images by 3 eps (a broken projection)."""
-
-    def perturb(self, model, x, y):
-        CALLS["perturb"] += 1
-        step = self.eps if CALLS["perturb"] == 1 else 3 * self.eps
-        return (x + step * torch.sign(torch.randn_like(x))).clamp(0, 1)
-'''
-
-
-@pytest.fixture
-def evil_plugins(tmp_path, monkeypatch):
-    """A distribution `evil-plugins` on sys.path: found by importlib.metadata exactly as an installed one is."""
-    site = tmp_path / "site"
-    (site / "evil_plugins-0.1.dist-info").mkdir(parents=True)
-    (site / "evil_plugins.py").write_text(textwrap.dedent(PLUGINS))
-    (site / "evil_broken.py").write_text("raise RuntimeError('evil-plugins needs a GPU driver from 2031')\n")
-    (site / "evil_plugins-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: evil-plugins\n"
-                                                                 "Version: 0.1\n")
-    (site / "evil_plugins-0.1.dist-info" / "entry_points.txt").write_text(
-        "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\nnan-gradient = evil_plugins:NaNGradientEndingEpoch2\n\n"
-        "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\n\n"
-        "[harness.models]\nbroken = evil_broken:Net\n")
-    monkeypatch.syspath_prepend(str(site))
-    yield
-    for name in ("evil_plugins", "evil_broken"):
-        sys.modules.pop(name, None)
+# (the `evil_plugins` fixture, in conftest.py)
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint(evil_plugins, tiny_spec, write_spec, tmp_path):
