@@ -82,7 +82,7 @@ def test_runs_that_are_not_seeds_of_one_experiment_are_refused(spec, write_spec,
     assert merged.exit_code == 2
 
 
-def test_an_interrupted_seed_run_resumes_with_its_seed(spec, write_spec, tmp_path):
+def test_an_interrupted_seed_run_resumes_with_its_seed(spec, write_spec, tmp_path, monkeypatch):
     """The resume command printed after a signal must keep --seed, or it would resume another experiment."""
     import signal
 
@@ -92,17 +92,13 @@ def test_an_interrupted_seed_run_resumes_with_its_seed(spec, write_spec, tmp_pat
     path = write_spec(spec)
     real_save = checkpoint.save
 
-    def save_then_signal(ckpt_path, state):
+    def save_then_signal(ckpt_path, state):  # a real SIGTERM right after the first checkpoint is on disk
         real_save(ckpt_path, state)
         signal.raise_signal(signal.SIGTERM)
 
-    import harness.runner
-
-    harness.runner.checkpoint.save = save_then_signal
-    try:
-        result = invoke("run", path, "--seed", 3, "--out", tmp_path / "out")
-    finally:
-        harness.runner.checkpoint.save = real_save
+    monkeypatch.setattr(checkpoint, "save", save_then_signal)
+    result = invoke("run", path, "--seed", 3, "--out", tmp_path / "out")
+    monkeypatch.setattr(checkpoint, "save", real_save)
     assert result.exit_code == 143
     assert f"--out {tmp_path / 'out'} --seed 3" in result.output
     resumed = invoke("run", path, "--seed", 3, "--out", tmp_path / "out")
