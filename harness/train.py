@@ -119,9 +119,10 @@ def train(
         skip = 0
         # A finite loss can still come with a non-finite gradient (e.g. the last step of the epoch): never
         # checkpoint, evaluate or analyse such a model. One check per epoch (a GPU sync per epoch, not per step).
-        broken = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if broken:
-            raise NonFiniteParameters(epoch, broken)
+        named = list(model.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).cpu()  # one device sync
+        if not bool(finite.all()):
+            raise NonFiniteParameters(epoch, [n for (n, _), ok in zip(named, finite.tolist()) if not ok])
         scheduler.step()
         total, seen = runtime.epoch_totals(total, seen)
         history.append({"epoch": epoch, "lr": lr, "train_objective": total / max(seen, 1),
