@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from harness.errors import BadInput
-from harness.paths import inside, write_atomic
+from harness.paths import REPORT_MAX_BYTES, inside, read_regular, require_regular, write_atomic
 
 FORMAT = 1
 REQUIRED = ("format", "cell", "fingerprint", "spec", "epoch", "step", "history", "model", "optimizer", "scheduler",
@@ -165,6 +165,7 @@ def load(path: Path, *, mmap: bool = False) -> dict:
 
     `mmap=True` maps the tensors instead of reading them: checking a large checkpoint's fingerprint costs little."""
     fix = f"delete {path} (that cell then starts over) or run again with --fresh"
+    require_regular(path, "checkpoint", fix=fix)  # torch.load of a FIFO would block forever
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, not a torch file, a pickle with code in it: all "cannot use this"
@@ -193,11 +194,23 @@ def cell_paths(out_dir: Path, cell_id: str) -> tuple[Path, Path]:
             inside(out_dir / "checkpoints", cell_id + ".pt", where=f"cell {cell_id!r}"))
 
 
+def read_result(result_path: Path) -> Any:
+    """A cell file's JSON, or None when it is absent or not JSON (it is written atomically, so never half-written by
+    us). Anything but a regular file there (a FIFO would block the read forever) is BadInput naming it."""
+    if not result_path.exists() and not result_path.is_symlink():
+        return None
+    try:
+        data = read_regular(result_path, "cell", REPORT_MAX_BYTES,
+                            fix=f"remove {result_path} (that cell is then evaluated again)")
+        return json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None
+
+
 def finished_result(result_path: Path, view: dict, evaluation: dict) -> dict | None:
     """The cell's stored result when it is done under the same training view and evaluation, else None."""
-    try:
-        result = json.loads(result_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent, or not ours (it is written atomically, so never half-written by us)
+    result = read_result(result_path)
+    if result is None:
         return None
     fp = result.get("fingerprint") if isinstance(result, dict) else None
     if (result.get("status") == "done" and isinstance(fp, dict) and fp.get("training") == fingerprint(view)

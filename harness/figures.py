@@ -12,9 +12,10 @@ Only matplotlib's object-oriented API with the Agg canvas is used (no pyplot): n
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
+
+from harness.paths import write_atomic
 
 STRENGTH_LABEL = "defensive strength ε (L∞, 0–255 scale)"
 
@@ -151,8 +152,8 @@ def write_figures(report: dict, out_dir: Path, figures: dict[str, object] | None
     for name, fig in (make_figures(report) if figures is None else figures).items():
         FigureCanvasAgg(fig)
         path = out_dir / name
-        tmp = out_dir / f".{name}.tmp"
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)  # readers never see half a file, as with report.json
+        # atomically through a temporary file of its own (harness.paths): readers never see half a file, and two
+        # jobs drawing into one folder never share a temporary file
+        write_atomic(path, lambda fh, fig=fig: fig.savefig(fh, format="png"))
         paths.append(path)
     return paths

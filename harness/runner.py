@@ -77,10 +77,7 @@ def collect_cells(out_dir: Path, spec: dict) -> list[dict]:
     digest, order = spec_digest(spec), {c.id: i for i, c in enumerate(plan(spec))}
     found = []
     for path in sorted((out_dir / "cells").glob("*.json")):
-        try:
-            cell = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue  # a half-written or foreign file is not a result of this spec
+        cell = checkpoint.read_result(path)  # None: not JSON, so not a result of this spec
         if isinstance(cell, dict) and cell.get("spec_digest") == digest and cell.get("id") in order:
             found.append(cell)
     return sorted(found, key=lambda c: order[c["id"]])
@@ -288,7 +285,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
             if stop():
                 raise guard.interrupted(f"stopped before cell {cell.id}")
             if decisions[cell.id] == "skip":
-                cells.append(json.loads(result_path.read_text(encoding="utf-8")))
+                cells.append(checkpoint.read_result(result_path))
                 console.print(f"cell {cell.id}: finished earlier under the same spec, kept ({result_path})")
                 continue
             if decisions[cell.id] == "resume":

@@ -22,6 +22,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from harness import registry
 from harness.errors import BadInput
+from harness.paths import REPORT_MAX_BYTES, SPEC_MAX_BYTES, read_regular
 
 # Where each plugin sits in a spec: (kind, path to the plugin's object, as a list of keys / indices).
 PluginSite = tuple[str, list[Any]]
@@ -48,14 +49,13 @@ def read_json(path: str | Path, what: str = "spec") -> Any:
         raise BadInput(f"{what} file not found: {path}", fix="check the path (the shipped specs are in specs/)")
     if path.is_dir():
         raise BadInput(f"{what} path is a folder, not a file: {path}", fix="give the path of a .json file")
+    # regular files only, size-capped: a FIFO or a device file (/dev/zero) given as a spec would hang or never end
+    data = read_regular(path, what, SPEC_MAX_BYTES if what == "spec" else REPORT_MAX_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadInput(f"{what} file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
                        fix="save it as UTF-8 JSON") from exc
-    except OSError as exc:
-        raise BadInput(f"cannot read {what} file {path}: {exc.strerror or exc}",
-                       fix="check the file's permissions") from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -21,6 +21,7 @@ from torch import nn
 from harness import registry
 from harness import spec as spec_mod
 from harness.errors import BadInput
+from harness.paths import require_regular
 from harness.evaluate import evaluate
 from harness.report import validate_report, write_json_atomic
 from harness.runner import build_attacks, environment, load_data, pick_device, report_document, seed_everything
@@ -42,8 +43,9 @@ def read_spec(path: str | Path) -> dict:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"checkpoint not found: {path}", fix="give the path of a file saved with torch.save")
+    require_regular(path, "checkpoint", fix="give the path of a file saved with torch.save")  # not a FIFO, /dev/zero
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for files it cannot read
