@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Callable
 
@@ -25,6 +26,34 @@ class NonFiniteLoss(RunFailure):
             fix="lower the learning rate or check the defense; the other cells are unaffected",
         )
         self.epoch, self.step = epoch, step
+
+
+class NumericError(RunFailure):
+    """torch (or Python) raised an arithmetic error inside a training step: e.g. a learning rate or weight decay
+    that overflows float32 makes SGD's update raise `value cannot be converted to type float without overflow`.
+    It fails the cell as a non-finite loss does, instead of aborting the run."""
+
+    def __init__(self, epoch: int, step: int | None, exc: BaseException):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        where = f"at epoch {epoch}, step {step}" if step is not None else f"at the end of epoch {epoch}"
+        super().__init__(
+            f"training failed with a numeric error {where}: {type(exc).__name__}: {first}",
+            fix="lower the learning rate (or the weight decay, or the schedule's gamma) or check the defense; the "
+                "other cells are unaffected",
+        )
+        self.epoch, self.step = epoch, step
+
+
+# torch has no exception class for arithmetic trouble: its numeric RuntimeErrors are told apart by their message
+# (`value cannot be converted to type float without overflow`, anomaly mode's `returned nan values`). Any other
+# RuntimeError (a CUDA fault, a shape bug) is not the cell's numbers going wrong and still stops the run.
+_NUMERIC_MESSAGE = re.compile(r"without overflow|overflow when|out of range|returned (nan|inf) values", re.IGNORECASE)
+
+
+def is_numeric_error(exc: BaseException) -> bool:
+    if isinstance(exc, (OverflowError, FloatingPointError, ZeroDivisionError)):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_NUMERIC_MESSAGE.search(str(exc)))
 
 
 class NonFiniteParameters(RunFailure):
@@ -99,13 +128,18 @@ def train(
             p = resume["partial"]
             started, total, seen = started - p["seconds"], p["total"], p["seen"]
         for step, (x, y) in enumerate(steps, start=skip + 1):
-            loss = runtime.loss(defense, step_model, x, y)
-            value = float(loss.detach())
-            if not runtime.all_finite(value):  # under DDP: on any rank
-                raise NonFiniteLoss(epoch, step, value)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            try:
+                loss = runtime.loss(defense, step_model, x, y)
+                value = float(loss.detach())
+                if not runtime.all_finite(value):  # under DDP: on any rank
+                    raise NonFiniteLoss(epoch, step, value)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            except (RuntimeError, ArithmeticError) as exc:
+                if not is_numeric_error(exc):
+                    raise
+                raise NumericError(epoch, step, exc) from exc
             total += value * len(y)
             seen += len(y)
             if on_step is not None:
@@ -123,7 +157,12 @@ def train(
         finite = torch.stack([torch.isfinite(p).all() for _, p in named]).cpu()  # one device sync
         if not bool(finite.all()):
             raise NonFiniteParameters(epoch, [n for (n, _), ok in zip(named, finite.tolist()) if not ok])
-        scheduler.step()
+        try:
+            scheduler.step()
+        except (RuntimeError, ArithmeticError) as exc:
+            if not is_numeric_error(exc):
+                raise
+            raise NumericError(epoch, None, exc) from exc
         total, seen = runtime.epoch_totals(total, seen)
         history.append({"epoch": epoch, "lr": lr, "train_objective": total / max(seen, 1),
                         "seconds": time.perf_counter() - started})
