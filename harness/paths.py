@@ -160,6 +160,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        _lock_temp(fd)  # held until the rename: remove_stale_temps never takes a file being written
         with os.fdopen(fd, "wb") as fh:
             sink = _CountingSink(fh)
             write(sink)  # type: ignore[arg-type]
@@ -167,7 +168,11 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
             if sink.error is not None:
                 raise sink.error
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:  # POSIX renames an open file: the lock lasts until the name is gone
+                os.replace(tmp, path)
+                tmp = None
+        if tmp is not None:
+            os.replace(tmp, path)
     except OSError as exc:
         _discard(tmp)
         needed = sink.size if sink.fh is not None and sink.error is not None else _size_of(write)
@@ -177,6 +182,82 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         if sink.error is not None:  # the writer turned the disk error into its own exception (torch.save)
             raise WriteFailed(path, sink.error, sink.size) from sink.error
         raise
+
+
+def _lock_temp(fd: int) -> None:
+    if fcntl is not None:
+        with contextlib.suppress(OSError):  # a file system without flock: remove_stale_temps goes by age there
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# A temporary file is stale when no writer holds its lock and its writer is gone: its pid is no process here, or it
+# was last written longer ago than this (a pid of another machine sharing the folder, or one reused since).
+STALE_AFTER_S = 6 * 3600
+
+
+def remove_stale_temps(*folders: Path) -> list[Path]:
+    """Remove the temporary files (`.<name>.<pid>.<random>.tmp`, TMP_PATTERN) that writers killed mid-write left in
+    `folders` (not recursively); return them. Never one another job is writing (in this folder, perhaps from another
+    machine): a temp file is removed only when no process holds its lock (write_atomic holds one until the rename)
+    and either its pid is no live process on this machine or it is older than STALE_AFTER_S. Where the file
+    system cannot tell about locks, only files older than STALE_AFTER_S go; hidden `.*.tmp` files without a pid
+    (older harnesses) go at that age too."""
+    removed = []
+    now = time.time()
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+                match = TMP_PATTERN.match(entry.name)
+                gone = match is not None and not _alive(int(match["pid"]))
+                if (gone or old) and _unlocked(entry.path, lenient=old):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except OSError:  # removed meanwhile, or not ours to remove: leave it
+                continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a process on this machine (signal 0 tests without sending anything; POSIX only)."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _unlocked(path: str, *, lenient: bool) -> bool:
+    """True when no process holds the flock of `path`. Where flock is unsupported the answer is `lenient`."""
+    if fcntl is None:
+        return lenient
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True  # released at once: temp names are never reused, so no writer can take it meanwhile
+    except BlockingIOError:
+        return False
+    except OSError:
+        return lenient
+    finally:
+        os.close(fd)
 
 
 def _discard(tmp: str | None) -> None:
@@ -276,6 +357,12 @@ def read_regular(path: Path, what: str, max_bytes: int, fix: str = "give the pat
 
 
 # ------------------------------------------------------------------------------------- locks
+
+
+def report_lock(out_dir: Path) -> Path:
+    """The lock under which out_dir's report.json and figures are rewritten (by `harness run` jobs and
+    `harness report`), one writer at a time."""
+    return Path(out_dir) / ".locks" / "report.lock"
 
 
 @contextlib.contextmanager
