@@ -13,10 +13,13 @@ from jsonschema import Draft202012Validator
 from rich.console import Console
 from rich.table import Table
 
+from harness.errors import RunFailure
 from harness.paths import write_atomic
-from harness.spec import load_schema
+from harness.spec import load_schema, non_finite_numbers
 
 REPORT_SCHEMA = load_schema("report.schema.json")
+# The report schema with only `cells` required: validates one cell (a cell file) as the report's cells[0].
+_CELLS_ONLY = dict(REPORT_SCHEMA, required=["cells"])
 
 
 def validate_report(report: dict) -> None:
@@ -26,9 +29,29 @@ def validate_report(report: dict) -> None:
                          "\n  ".join(f"{e.json_path}: {e.message}" for e in errors))
 
 
+def cell_errors(cell: Any) -> list[str]:
+    """How `cell` fails the report schema's cell definition, as `$.metrics.ge: 'x' is not of type 'number'`."""
+    errors = sorted(Draft202012Validator(_CELLS_ONLY).iter_errors({"cells": [cell]}), key=lambda e: e.json_path)
+    return ["$" + e.json_path[len("$.cells[0]"):] + f": {e.message[:200]}" for e in errors]
+
+
+def strict_json(document: Any, path: Path) -> str:
+    """`document` as JSON text. JSON has no NaN or Infinity (Python's json would write them as bare NaN, which no
+    strict parser reads): a non-finite number is refused here, naming its JSON path, instead of being written.
+    The harness never hands one over: non-finite weights are refused at load and a cell whose results are not
+    finite fails; so this is RunFailure (exit 1), the report of a bug, not of bad input."""
+    try:
+        return json.dumps(document, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise RunFailure(f"{path} not written: it would hold non-finite numbers, which JSON cannot: "
+                         + "; ".join(non_finite_numbers(document)[:10]),
+                         fix="report this as a bug of the harness or of the plugin that computed the value") from exc
+
+
 def write_json_atomic(path: Path, document: Any) -> None:
-    """Write a JSON document atomically (harness.paths.write_atomic): readers never see half a file."""
-    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
+    """Write a JSON document atomically (harness.paths.write_atomic): readers never see half a file, and never
+    NaN or Infinity (strict_json)."""
+    text = strict_json(document, path)
     write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
