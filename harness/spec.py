@@ -171,7 +171,7 @@ def validate(spec: Any) -> dict:
             errors += schema_errors(options, schema, prefix=f"{where}.options")
     for label_errors in (_duplicate_labels(spec.get("models"), "models"),
                          _duplicate_labels(_get(spec, ["evaluation", "attacks"]), "evaluation.attacks"),
-                         _smoke_strengths(spec)):
+                         colliding_cells(spec), _smoke_strengths(spec)):
         errors += label_errors
     if errors:
         raise BadInput(
@@ -216,6 +216,45 @@ def _duplicate_labels(items: Any, where: str) -> list[str]:
                           "give each entry a distinct \"label\"")
         else:
             seen[label] = i
+    return errors
+
+
+def cell_id(label: str, strength: float) -> str:
+    """A cell's id, which names its files (cells/<id>.json, checkpoints/<id>.pt): the model's label and the
+    strength to 6 significant digits (`lenet__s8`, `lenet__s0.5`)."""
+    return f"{label}__s{float(strength):g}"
+
+
+def colliding_cells(spec: Any) -> list[str]:
+    """Cells whose ids would be equal, or equal but for case (their files would overwrite each other, on a
+    case-insensitive file system like macOS's or Windows' default): strengths equal to 6 significant digits
+    (8 and 8.0000001), model labels equal but for case (`LeNet`, `lenet`), also once a name is made a label
+    (`timm:resnet18` is labelled `timm-resnet18`). Labels equal exactly are reported by _duplicate_labels."""
+    models, strengths = _get(spec, ["models"]), _get(spec, ["defense", "strengths"])
+    if not isinstance(models, list) or not isinstance(strengths, list):
+        return []  # the schema reports it
+    labels = [(i, default_label(m)) for i, m in enumerate(models) if isinstance(m, dict)
+              and isinstance(m.get("name"), str) and isinstance(m.get("label", ""), str)]
+    numbers = [(j, s) for j, s in enumerate(strengths) if isinstance(s, (int, float)) and not isinstance(s, bool)
+               and math.isfinite(s)]
+    errors = []
+    first_label: dict[str, tuple[int, str]] = {}
+    for i, label in labels:
+        seen = first_label.setdefault(label.casefold(), (i, label))
+        if seen[0] != i and seen[1] != label:
+            errors.append(f"$.models[{i}].label: {label!r} and $.models[{seen[0]}]'s label {seen[1]!r} differ only "
+                          f"in case; their cells' files ({cell_id(label, 0)}.json, {cell_id(seen[1], 0)}.json) "
+                          "would overwrite each other on a case-insensitive file system: give the models labels "
+                          "that differ in more than case")
+    first_strength: dict[str, tuple[int, float]] = {}
+    for j, s in numbers:
+        key = cell_id("", s)
+        seen_s = first_strength.setdefault(key, (j, s))
+        if seen_s[0] != j and s != seen_s[1]:  # equal ones: the schema's uniqueItems reports them
+            example = cell_id(labels[0][1], s) if labels else key
+            errors.append(f"$.defense.strengths[{j}]: {s!r} names the same cells as $.defense.strengths[{seen_s[0]}] "
+                          f"({seen_s[1]!r}), e.g. {example!r} (cell ids show a strength to 6 significant digits): "
+                          "make them differ within 6 significant digits, or drop one")
     return errors
 
 
