@@ -194,14 +194,26 @@ def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bo
         return
 
     report, notes, merged = merge.load(list(paths))
+    if out_dir is None and merged:  # a name read from a file: through the sanitizer, as a spec's name is
+        from harness.errors import BadInput
+        from harness.paths import inside
+
+        try:
+            out_dir = inside(Path("reports"), f"{report['spec']['name']}-merged", where="$.spec.name")
+        except BadInput as exc:
+            raise BadInput(f"{exc.message} (the merged report's folder reports/<name>-merged is named after the "
+                           "spec name of the first report given)",
+                           fix="give the folder with --out DIR, or correct $.spec.name in that report") from exc
     for note in notes:
         err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     render_table(report, console)
     if out_dir is None:
-        single = paths[0] if paths[0].is_dir() else paths[0].parent
-        out_dir = Path("reports") / f"{report['spec']['name']}-merged" if merged else single
+        out_dir = paths[0] if paths[0].is_dir() else paths[0].parent
     if merged:
-        write_json_atomic(out_dir / "report.json", report)
+        from harness.paths import locked, report_lock
+
+        with locked(report_lock(out_dir)):
+            write_json_atomic(out_dir / "report.json", report)
         console.print(f"merged report: {out_dir / 'report.json'}", highlight=False)
     if no_figures:
         from harness.analysis import render_analysis_table
