@@ -63,6 +63,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                        fix=f"save model.state_dict(), alone or under one of the keys {', '.join(STATE_DICT_KEYS)}")
     if all(k.startswith("module.") for k in obj):  # saved from nn.DataParallel / DistributedDataParallel
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in obj.items()
+           if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())}
+    if bad:  # NaN weights give NaN logits: every metric would be meaningless (and NaN is not JSON)
+        raise BadInput(f"checkpoint {path} holds non-finite values (NaN or infinity) in {len(bad)} tensor"
+                       f"{'s' if len(bad) > 1 else ''}: " + _listing([f"{k} ({n})" for k, n in bad.items()]),
+                       fix="evaluate weights of a model whose training did not diverge (an earlier checkpoint)")
     return obj
 
 
