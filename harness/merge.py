@@ -12,16 +12,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from jsonschema import Draft202012Validator
-
+from harness import integrity
 from harness.errors import BadInput
-from harness.report import REPORT_SCHEMA, validate_report
+from harness.report import validate_report
 from harness.spec import read_json
 
 # The parts of a spec whose differences change a cell's numbers (models are compared label by label).
 MATTERS = ("seed", "dataset", "defense", "training", "evaluation", "analysis")
-
-_CELL_SCHEMA = dict(REPORT_SCHEMA, required=["cells"])
 
 
 def _essentials(spec: dict) -> dict:
@@ -38,15 +35,26 @@ def _read_report(path: Path) -> dict:
     except ValueError as exc:
         raise BadInput(f"{path} is not a harness report: {exc}",
                        fix="pass a folder written by `harness run` or its report.json") from exc
+    for cell in report["cells"]:  # each carries the checksum of its cell file (harness.integrity)
+        actual = integrity.json_checksum(cell)
+        if integrity.KEY in cell and cell[integrity.KEY] != actual:
+            raise BadInput(f"cell {cell['id']} in {path} is damaged: its content does not match the checksum "
+                           f"written with it (stored {str(cell[integrity.KEY])[:80]}, content {actual})",
+                           fix="run `harness run` into that folder again: it rebuilds report.json from the cell "
+                               "files (cells/*.json), verifying each")
     return report
 
 
 def _read_cell(path: Path) -> dict:
-    cell = read_json(path, "cell")
-    errors = list(Draft202012Validator(_CELL_SCHEMA).iter_errors({"cells": [cell]}))
-    if errors:
-        raise BadInput(f"{path} is not a cell result of harness: {errors[0].message}",
-                       fix="remove the file from the cells/ folder or pass another folder")
+    """A cell file, verified (its checksum: BadInput when damaged) and valid, or BadInput: `harness report`
+    recomputes nothing, so it cannot stand in for a file that is not a cell result."""
+    try:
+        cell = integrity.read_cell(path)
+    except integrity.Unusable as exc:
+        raise BadInput(f"{path} is not a cell result of harness: {exc}",
+                       fix="remove the file from the cells/ folder or pass another folder") from exc
+    if cell is None:
+        raise BadInput(f"cell file {path} disappeared while it was read", fix="run the command again")
     return cell
 
 
