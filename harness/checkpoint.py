@@ -18,9 +18,11 @@ POSIX and Windows): a crash leaves either the previous checkpoint or the new one
 
 Resuming is allowed only while the *training-relevant* part of the spec is unchanged (`training_view`): the
 seed, the dataset entry (without `download`, which does not change the data), the cell's model entry, the
-defense's name and options and the cell's strength, and the whole `training` block. The evaluation block, the
-device, `name` and `description` are not in it: changing the attacks re-evaluates a trained cell without
-retraining it.
+defense's name and options and the cell's strength, the whole `training` block, and the training precision and
+TF32 as resolved for the cell on this device (harness.performance.Performance.training_view: `precision: auto`
+is bf16 on one machine and fp32 on another). The evaluation block (with evaluation's TF32 setting,
+`evaluation_view`), the rest of `performance`, the device, `name` and `description` are not in it: changing
+the attacks re-evaluates a trained cell without retraining it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -46,15 +48,25 @@ REQUIRED = ("format", "cell", "fingerprint", "spec", "epoch", "step", "history",
 # ------------------------------------------------------------------------------------- what "the same run" means
 
 
-def training_view(spec: dict, model_entry: dict, strength: float) -> dict:
-    """The part of a resolved spec that decides a cell's training; a checkpoint is only resumed under the same."""
+def training_view(spec: dict, model_entry: dict, strength: float, performance: dict) -> dict:
+    """The part of a resolved spec that decides a cell's training; a checkpoint is only resumed under the same.
+
+    `performance` is the cell's resolved precision and TF32 (harness.performance.Performance.training_view, after
+    `for_model`): they change the trained weights, so a change shows as `performance.precision: "fp32" -> "bf16"`."""
     return {
         "seed": spec["seed"],
         "dataset": {k: v for k, v in spec["dataset"].items() if k != "download"},
         "model": model_entry,
         "defense": {"name": spec["defense"]["name"], "options": spec["defense"]["options"], "strength": strength},
         "training": spec["training"],
+        "performance": performance,
     }
+
+
+def evaluation_view(spec: dict, eval_tf32: bool) -> dict:
+    """What decides a trained cell's metrics: the evaluation block and whether evaluation ran with TF32
+    (harness.performance.Performance.evaluation_tf32); a finished cell is kept only under the same."""
+    return {**spec["evaluation"], "tf32": eval_tf32}
 
 
 def fingerprint(document: Any) -> str:
@@ -219,9 +231,11 @@ def finished_result(result_path: Path, view: dict, evaluation: dict) -> dict | N
     return None
 
 
-def plan_resume(spec: dict, cells: list, out_dir: Path, *, fresh: bool, force: bool) -> dict[str, str]:
+def plan_resume(spec: dict, cells: list, out_dir: Path, *, fresh: bool, force: bool,
+                performance: Mapping[str, Any]) -> dict[str, str]:
     """For each cell id: 'skip' (finished under this spec), 'resume' (a usable checkpoint) or 'start'.
 
+    `performance` maps each cell id to its resolved harness.performance.Performance (after `for_model`).
     --fresh deletes the cells' results and checkpoints first. A checkpoint written under another training view is
     refused (BadInput listing every changed field of every cell) unless `force`; an unreadable one always is.
     Nothing is trained before this check has passed for every cell.
@@ -234,8 +248,9 @@ def plan_resume(spec: dict, cells: list, out_dir: Path, *, fresh: bool, force: b
             ckpt_path.unlink(missing_ok=True)
             decisions[cell.id] = "start"
             continue
-        view = training_view(spec, cell.model, cell.strength)
-        if finished_result(result_path, view, spec["evaluation"]) is not None:
+        cell_performance = performance[cell.id]
+        view = training_view(spec, cell.model, cell.strength, cell_performance.training_view())
+        if finished_result(result_path, view, evaluation_view(spec, cell_performance.evaluation_tf32)) is not None:
             decisions[cell.id] = "skip"
             continue
         if not ckpt_path.exists():

@@ -3,8 +3,11 @@
 A source is a run folder (its report.json, plus any cells/<id>.json that report.json does not hold, such as cells
 of an interrupted run) or a report file. Cells of different sources merge into one report when their specs agree
 on everything that changes a number: seed, dataset, defense (name and options), training, evaluation, analysis,
-and the name and options of every model label they share. Models and strengths are united. Where two sources
-hold a cell of the same id, the later source's cell wins and a note says so. Nothing is recomputed.
+and the name and options of every model label they share. Precision and TF32 change the numbers too
+(harness.performance.NUMERIC_KEYS), but `precision: auto` resolves per machine and, on CPU, per model: so the runs'
+resolved settings (`environment.performance`) must agree, and so must the cells of one model (`performance` of
+each cell), e.g. a bf16 GPU run and an fp32 CPU run of the same spec do not merge. Models and strengths are united.
+Where two sources hold a cell of the same id, the later source's cell wins and a note says so. Nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import copy
 from pathlib import Path
 
 from harness import integrity
+from harness.checkpoint import diff
 from harness.errors import BadInput
+from harness.performance import numeric_view
 from harness.report import validate_report
 from harness.spec import read_json
 
@@ -98,6 +103,45 @@ def differences(a: dict, b: dict) -> list[str]:
     return diffs
 
 
+def performance_changes(recorded: dict | None, other: dict | None) -> list[str]:
+    """How two recorded `performance` objects (Performance.describe) differ in what changes the numbers, as
+    `performance.precision: "fp32" -> "bf16"`; keys only one of them records are not compared (older reports
+    lack `eval_tf32`), and a record that is absent (a failed cell) differs from nothing."""
+    a, b = numeric_view(recorded or {}), numeric_view(other or {})
+    common = [k for k in a if k in b]
+    return diff({"performance": {k: a[k] for k in common}}, {"performance": {k: b[k] for k in common}})
+
+
+def performance_against(cells: list[tuple[dict, str]], expected: dict[str, dict]) -> list[str]:
+    """For each (cell, where it is) whose id `expected` maps to a performance record: how it differs from it."""
+    out = []
+    for cell, where in cells:
+        if cell["id"] in expected:
+            changes = performance_changes(cell.get("performance"), expected[cell["id"]])
+            if changes:
+                out.append(f"cell {cell['id']} ({where}): {', '.join(changes)}")
+    return out
+
+
+def performance_within_models(cells: list[tuple[dict, str]]) -> list[str]:
+    """Cells of one model (a row of the table) that were trained or evaluated differently from its first cell."""
+    first: dict[str, tuple[dict, str]] = {}
+    out = []
+    for cell, where in cells:
+        if "performance" not in cell:
+            continue
+        model = cell["model"]
+        if model not in first:
+            first[model] = (cell, where)
+            continue
+        ref, ref_where = first[model]
+        changes = performance_changes(ref["performance"], cell["performance"])
+        if changes:
+            out.append(f"model {model}: cell {ref['id']} ({ref_where}) -> cell {cell['id']} ({where}): "
+                       f"{', '.join(changes)}")
+    return out
+
+
 def load(paths: list[Path]) -> tuple[dict, list[str], bool]:
     """The report of `paths`, notes for the user, and whether cells of several sources were merged (a single
     report with nothing added is returned as it is)."""
@@ -124,16 +168,20 @@ def load(paths: list[Path]) -> tuple[dict, list[str], bool]:
     spec = copy.deepcopy(first["spec"])
     problems = []
     for report, where in reports[1:]:
-        diffs = differences(spec, report["spec"])
+        diffs = differences(spec, report["spec"]) + performance_changes(
+            first.get("environment", {}).get("performance"), report.get("environment", {}).get("performance"))
         if diffs:
             problems.append(f"{where} differs from {first_path} in: {', '.join(diffs)}")
         labels = {m["label"] for m in spec["models"]}
         spec["models"] += [copy.deepcopy(m) for m in report["spec"]["models"] if m["label"] not in labels]
         spec["defense"]["strengths"] = sorted(set(spec["defense"]["strengths"]) | set(report["spec"]["defense"]["strengths"]))
+    problems += performance_within_models(list(cells.values()))
     if problems:
-        raise BadInput("the reports were run with specs that differ in what changes the numbers, so their cells "
-                       "cannot share a table:\n  " + "\n  ".join(problems),
-                       fix="merge only reports of the same spec (models and strengths may differ)")
+        raise BadInput("the reports were run with specs (or precisions) that differ in what changes the numbers, "
+                       "so their cells cannot share a table:\n  " + "\n  ".join(problems),
+                       fix="merge only reports of the same spec run in the same precision and TF32 setting "
+                       "(models and strengths may differ); rerun the odd cells with the others' `performance` "
+                       "settings, e.g. \"precision\": \"fp32\"")
     spec["defense"]["strengths"] = sorted(set(spec["defense"]["strengths"]) | {c["strength"] for c, _ in cells.values()})
     order = {m["label"]: i for i, m in enumerate(spec["models"])}
     merged_cells = sorted((c for c, _ in cells.values()), key=lambda c: (order.get(c["model"], len(order)), c["strength"]))

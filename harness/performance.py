@@ -1,18 +1,30 @@
 """The fast path: how a cell's computation is executed (precision, memory layout, compilation, where the data
-lives), resolved from the spec's `performance` section. None of it changes *what* is computed.
+lives), resolved from the spec's `performance` section.
+
+Two of these options change *what* is computed, and are therefore part of the experiment: the training
+precision and TF32. bf16 training reaches other weights than fp32 training from the same seed (on digits/LeNet:
+per-strength means over seeds 0-2 within 0.55 points of Acc., 0.0020 of GE and 0.84 points of PGD, against seed
+standard deviations of up to 1.05 / 0.0043 / 1.94; README "Performance"), and TF32 rounds fp32 matmul and
+convolution inputs to a 10-bit mantissa on CUDA. Both, as resolved for each cell (`training_view`, after the
+CPU fallback of `for_model`), are in the cell's training fingerprint (harness.checkpoint.training_view):
+resuming a checkpoint, or merging cells into one table, across a change of either is refused like any other
+training change. The other options (layout, compile, data on the device) change float reassociation at most.
 
 Defaults are the fastest settings that keep results sound:
 - `precision: "auto"` is bf16 autocast where the device computes bf16 natively (`native_bf16`): CUDA GPUs
   from Ampere on (with TF32 for the fp32 matmuls and convolutions that remain) and CPUs with AMX tiles (Intel
   Sapphire Rapids and later), where oneDNN's bf16 kernels ran a LeNet/VGG16 PGD-AT step 1.7-2.4x faster than
-  fp32 (README "Performance"); fp32 elsewhere (bf16 is emulated there, and slower). It applies to training, training adversaries included. Evaluation (the reported clean loss,
-  accuracy and attack success) always runs in fp32: the table's numbers never depend on this option. bf16
-  adversaries were checked against fp32 ones (attack success rate; see README "Performance") and the test
+  fp32 (README "Performance"); fp32 elsewhere (bf16 is emulated there, and slower). It applies to training,
+  training adversaries included. Evaluation (the reported clean loss, accuracy and attack success, the checks and
+  the analysis) always runs in fp32, and on CUDA with TF32 off unless `eval_tf32` asks for it (`evaluation`).
+  bf16 adversaries were checked against fp32 ones (attack success rate; see README "Performance") and the test
   tests/test_performance.py keeps that agreement within its stated tolerance.
   One known exception is checked per model (`for_model`): oneDNN's bf16 convolution writes garbage into the
   weight gradient (uninitialised memory, up to 1e38, varying from call to call) when a convolution's stride
   exceeds its input size along a spatial dimension (e.g. a stride-2 3x3 conv on a 1x1 feature map: timm
   ResNets on 16x16 inputs). A model with such a convolution trains in fp32 on CPU, and its cells say why.
+- `tf32: true`: TF32 for the fp32 matmuls and convolutions of training on CUDA (no effect on CPU).
+- `eval_tf32: false`: evaluation on CUDA in full fp32 (TF32 would round the reported numbers' inputs).
 - `channels_last: "auto"` is on for CUDA (tensor cores want NHWC) and for CPU bf16 (oneDNN's AMX kernels want
   it too: +23% VGG16, +52% LeNet), off for CPU fp32 (there it slowed VGG16 by 19%).
 - `data_on_device: "auto"` moves both splits to the GPU once, as uint8 (or whatever dtype the plugin gave);
@@ -44,7 +56,8 @@ from harness.plugin import DataSplits, DefensePlugin, Split
 # 8 / 16 / 32 (per-sample agreement 99.7 / 100 / 99.4 %). tests/test_performance.py checks it on every run.
 BF16_ASR_TOLERANCE_PP = 2.0
 
-DEFAULTS = {"precision": "auto", "channels_last": "auto", "data_on_device": "auto", "compile": False, "tf32": True}
+DEFAULTS = {"precision": "auto", "channels_last": "auto", "data_on_device": "auto", "compile": False, "tf32": True,
+            "eval_tf32": False}
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -68,7 +81,8 @@ class Performance:
     channels_last: bool = False
     data_on_device: bool = False
     compile: bool = False
-    tf32: bool = True
+    tf32: bool = True  # as asked; in effect on CUDA only (training_view)
+    eval_tf32: bool = False  # as asked; in effect on CUDA only (evaluation_tf32)
     note: str | None = None  # why the options differ from what the spec resolved to (see for_model)
 
     @classmethod
@@ -83,18 +97,42 @@ class Performance:
         channels_last = auto(opts["channels_last"], cuda or precision == "bf16")
         return cls(device=device, precision=precision, channels_last=bool(channels_last),
                    data_on_device=bool(auto(opts["data_on_device"], cuda)) and cuda, compile=bool(opts["compile"]),
-                   tf32=bool(opts["tf32"]))
+                   tf32=bool(opts["tf32"]), eval_tf32=bool(opts["eval_tf32"]))
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return torch.bfloat16 if self.precision == "bf16" else None
 
+    def training_view(self) -> dict:
+        """What of these options changes the trained weights, as resolved for this device (and, after
+        `for_model`, this model): part of a cell's training fingerprint (harness.checkpoint.training_view)."""
+        return {"precision": self.precision, "tf32": self.tf32 and self.device.type == "cuda"}
+
+    @property
+    def evaluation_tf32(self) -> bool:
+        """Whether evaluation (clean passes, attacks, checks, analysis) may use TF32: only on CUDA, and only when
+        the spec's `eval_tf32` asks for it; by default the reported numbers are computed in full fp32."""
+        return self.eval_tf32 and self.device.type == "cuda"
+
     def apply_global(self) -> None:
-        """Process-wide switches: TF32 for fp32 matmuls/convolutions on CUDA (no effect on CPU)."""
+        """Process-wide switches for training: TF32 for fp32 matmuls/convolutions on CUDA (no effect on CPU)."""
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = self.tf32
-            torch.backends.cudnn.allow_tf32 = self.tf32
+            _set_tf32(self.tf32)
             torch.backends.cudnn.benchmark = True
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Evaluation's TF32 setting (`evaluation_tf32`) for the duration of the block, then the training one
+        back. On CPU nothing changes (TF32 is a CUDA mode)."""
+        if self.device.type != "cuda":
+            yield
+            return
+        before = _get_tf32()
+        _set_tf32(self.evaluation_tf32)
+        try:
+            yield
+        finally:
+            _set_tf32(*before)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for the training step (forward passes, adversaries included); a no-op in fp32."""
@@ -123,11 +161,16 @@ class Performance:
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
+    @property
+    def depends_on_model(self) -> bool:
+        """Whether `for_model` may change these options (bf16 on CPU), i.e. needs to see the model."""
+        return self.precision == "bf16" and self.device.type == "cpu"
+
     def for_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> "Performance":
         """These options for `model` on inputs of `input_shape` (C, H, W): fp32 instead of bf16 on CPU when a
         convolution of the model has the geometry in which oneDNN's bf16 weight gradient is garbage (module doc);
         the returned options carry the reason in `note`."""
-        if self.precision != "bf16" or self.device.type != "cpu":
+        if not self.depends_on_model:
             return self
         hazards = cpu_bf16_conv_hazards(model, input_shape)
         if not hazards:
@@ -138,9 +181,30 @@ class Performance:
         return replace(self, precision="fp32", channels_last=False, note=note)
 
     def describe(self) -> dict:
-        return {"precision": self.precision, "channels_last": self.channels_last,
+        return {**self.training_view(), "channels_last": self.channels_last,
                 "data_on_device": self.data_on_device, "compile": self.compile,
-                "tf32": self.tf32 and self.device.type == "cuda", **({"note": self.note} if self.note else {})}
+                "eval_tf32": self.evaluation_tf32, **({"note": self.note} if self.note else {})}
+
+
+# What of a cell's recorded `performance` (Performance.describe) changes its numbers: cells that differ in these
+# are not merged into one table (harness.merge), nor are checkpoints resumed across them (training_view).
+NUMERIC_KEYS = ("precision", "tf32", "eval_tf32")
+
+
+def numeric_view(described: dict) -> dict:
+    """The keys of NUMERIC_KEYS present in a cell's recorded `performance` (older reports lack `eval_tf32`)."""
+    return {k: described[k] for k in NUMERIC_KEYS if k in described}
+
+
+def _get_tf32() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32(matmul: bool, cudnn: bool | None = None) -> None:
+    # The legacy flags, as everywhere in the harness: mixing them with torch's newer `fp32_precision` API makes
+    # torch refuse to read the flags back (RuntimeError), so only these two are ever set.
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = matmul if cudnn is None else cudnn
 
 
 def cpu_bf16_conv_hazards(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:

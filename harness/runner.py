@@ -34,7 +34,7 @@ from harness.report import validate_report, write_json_atomic
 from harness.distributed import Distributed
 from harness.performance import Performance, Runtime
 from harness.train import steps_per_epoch, train
-from harness import checkpoint
+from harness import checkpoint, merge
 from harness.interrupt import InterruptGuard, TrainingStopped
 from harness.paths import check_dataset_root
 
@@ -66,8 +66,10 @@ def select(cells: list[Cell], ids: list[str] | None) -> list[Cell]:
 
 
 def spec_digest(spec: dict) -> str:
-    """Identifies the experiment a cell file belongs to (every field but `performance` and `description`,
-    which change how fast, not what), so that separate `--cell` jobs writing into one folder merge."""
+    """Identifies the spec a cell file belongs to (every field but `performance` and `description`), so that
+    separate `--cell` jobs writing into one folder merge. `performance` is left out because what of it changes
+    the numbers (precision, TF32) is resolved per machine and model: run() compares each other job's cell with
+    what this run resolves for it instead (check_mergeable), and refuses a mix."""
     core = {k: v for k, v in spec.items() if k not in ("performance", "description")}
     return checkpoint.fingerprint(core)[:16]
 
@@ -89,6 +91,40 @@ def merge_cells(found: list[dict], this_run: list[dict], spec: dict) -> list[dic
     by_id.update({c["id"]: c for c in this_run})
     order = {c.id: i for i, c in enumerate(plan(spec))}
     return sorted(by_id.values(), key=lambda c: order.get(c["id"], len(order)))
+
+
+def cell_performance(performance: Performance, cell: Cell, data: DataSplits) -> Performance:
+    """The performance options `cell` will train with: `performance`, or its fp32 fallback where the CPU bf16
+    guard applies to the cell's model (Performance.for_model, decided by one forward pass of a freshly built
+    model, as run_cell decides it again on the model it trains). Known before anything trains, so that the
+    resolved precision can take part in resume and merge decisions."""
+    if not performance.depends_on_model:
+        return performance
+    model = registry.load("model", cell.model["name"])(**cell.model["options"]).build(data.num_classes,
+                                                                                    data.input_shape)
+    return performance.for_model(model, data.input_shape)
+
+
+def check_mergeable(out_dir: Path, spec: dict, selected: list[Cell], performance: dict[str, Performance],
+                    console: Console, *, force: bool) -> None:
+    """Refuse (unless `force`) to merge other jobs' cell files of this spec into this run's report when they were
+    trained or evaluated in another precision or TF32 setting than this run gives their cells."""
+    ids = {c.id for c in selected}
+    others = [(c, str(checkpoint.cell_paths(out_dir, c["id"])[0])) for c in collect_cells(out_dir, spec)
+              if c["id"] not in ids]
+    problems = merge.performance_against(others, {k: p.describe() for k, p in performance.items()})
+    if not problems:
+        return
+    if force:
+        console.print("[yellow]--force: merging cells of other precision or TF32 settings:[/yellow]\n  "
+                      + "\n  ".join(problems), highlight=False)
+        return
+    raise BadInput("other jobs' cells in this folder were trained or evaluated in another precision or TF32 setting "
+                   "than this run gives them (theirs -> this run's); one table would mix two experiments:\n  "
+                   + "\n  ".join(problems),
+                   fix="run this job with the same `performance` settings as theirs (e.g. \"precision\": "
+                   "\"fp32\"), write it to another --out, or pass --force to merge anyway (each cell records its "
+                   "precision)")
 
 
 def pick_device(choice: str) -> torch.device:
@@ -174,6 +210,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     seed_everything(spec["seed"])  # the same initialisation for every strength: cells differ only by strength
     model_cls = registry.load("model", cell.model["name"])
     model = model_cls(**cell.model["options"]).build(data.num_classes, data.input_shape).to(device)
+    performance = Performance(device)  # a plain fp32 loop when no runtime is given
     if runtime is not None and runtime.performance is not None:
         performance = runtime.performance.for_model(model, data.input_shape)  # bf16 -> fp32 where oneDNN fails
         if performance is not runtime.performance:
@@ -188,7 +225,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
 
     # Checkpoints (harness.checkpoint): resume from OUT/checkpoints/<id>.pt when run() decided so, save every epoch
     # (under torchrun every rank resumes from the same file and rank 0 alone writes it).
-    view = checkpoint.training_view(spec, cell.model, cell.strength)
+    view = checkpoint.training_view(spec, cell.model, cell.strength, performance.training_view())
     ckpt_path = checkpoint.cell_paths(out_dir, cell.id)[1] if out_dir is not None else None
     resume = checkpoint.load(ckpt_path) if ckpt_path is not None and ckpt_path.exists() else None
     ident = {"cell": cell.id, "fingerprint": checkpoint.fingerprint(view), "spec": view}
@@ -218,12 +255,13 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     task = progress.add_task(f"evaluate {cell.id}", total=eval_batches)
     timings: dict = {"train": sum(h["seconds"] for h in history)}
     evaluated = time.perf_counter()
-    metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch,
-                       checks=spec["evaluation"].get("checks"), timings=timings)
-    timings["evaluate"] = time.perf_counter() - evaluated
-    progress.update(task, visible=False)
-    analysed = time.perf_counter()
-    analysis = analyze_cell(model, data, spec, device)  # the paper's section 4 quantities; None when disabled
+    with performance.evaluation():  # fp32, and on CUDA without TF32 unless the spec's eval_tf32 asks for it
+        metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch,
+                           checks=spec["evaluation"].get("checks"), timings=timings)
+        timings["evaluate"] = time.perf_counter() - evaluated
+        progress.update(task, visible=False)
+        analysed = time.perf_counter()
+        analysis = analyze_cell(model, data, spec, device)  # the paper's section 4 quantities; None when disabled
     if analysis is not None:
         timings["analysis"] = time.perf_counter() - analysed
     return {
@@ -232,9 +270,10 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         "spec_digest": spec_digest(spec),
         "seconds": time.perf_counter() - started, "timings": timings,
         "parameters": sum(p.numel() for p in model.parameters()),
-        **({"performance": runtime.performance.describe()} if runtime is not None and runtime.performance else {}),
+        **({"performance": performance.describe()} if runtime is not None and runtime.performance else {}),
         "history": history, "metrics": metrics, **({"analysis": analysis} if analysis is not None else {}),
-        "fingerprint": {"training": ident["fingerprint"], "evaluation": checkpoint.fingerprint(spec["evaluation"])},
+        "fingerprint": {"training": ident["fingerprint"], "evaluation": checkpoint.fingerprint(
+            checkpoint.evaluation_view(spec, performance.evaluation_tf32))},
         **({"resumed_from": {"epoch": resume["epoch"], "step": resume["step"]}} if resume is not None else {}),
     }
 
@@ -261,18 +300,28 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
         check_dataset_root(spec)  # smoke mode replaces a missing dataset by stand-in data instead
     selected = select(plan(spec), cell_ids)
     device = pick_device(spec["device"])
-    decisions = checkpoint.plan_resume(spec, selected, out_dir, fresh=fresh, force=force)
     distributed = Distributed.from_env()
     if distributed is not None:
         distributed.check_batch_size(spec["training"]["batch_size"])
         device = distributed.device(device)
+    performance = Performance.from_spec(spec.get("performance"), device)
+    data = load_data(spec, smoke)
+    # The precision each cell trains in is part of its experiment (checkpoint.training_view): resolve it per cell
+    # before deciding to skip, resume or merge anything.
+    by_model: dict[str, Performance] = {}
+    for c in plan(spec):
+        if c.model["label"] not in by_model:
+            by_model[c.model["label"]] = cell_performance(performance, c, data)
+    per_cell = {c.id: by_model[c.model["label"]] for c in plan(spec)}
+    decisions = checkpoint.plan_resume(spec, selected, out_dir, fresh=fresh, force=force, performance=per_cell)
+    check_mergeable(out_dir, spec, selected, per_cell, console, force=force)
+    if distributed is not None:
         distributed.init(device)
         if not distributed.is_main:
             console = Console(quiet=True)
-    performance = Performance.from_spec(spec.get("performance"), device)
     performance.apply_global()
     runtime = Runtime(performance, distributed)
-    data = performance.prepare_data(load_data(spec, smoke))
+    data = performance.prepare_data(data)
     console.print(f"[bold]{spec['name']}[/bold]: {len(plan(spec))} cells on {device}; data: {data.source or spec['dataset']['name']} "
                   f"({len(data.train)} train / {len(data.test)} test, {data.num_classes} classes, input {data.input_shape})")
     if data.stand_in:

@@ -23,6 +23,7 @@ from harness import spec as spec_mod
 from harness.errors import BadInput
 from harness.paths import require_regular
 from harness.evaluate import evaluate
+from harness.performance import Performance
 from harness.report import validate_report, write_json_atomic
 from harness.runner import build_attacks, environment, load_data, pick_device, report_document, seed_everything
 
@@ -126,8 +127,9 @@ def evaluate_checkpoint(spec: dict, weights: Path, out_dir: Path, console: Conso
     console.print(f"[bold]{spec['name']}[/bold]: evaluating {weights} as {entry['label']} on {device}; "
                   f"{len(data.test)} test samples")
     started = time.perf_counter()
-    metrics = evaluate(model, data, attacks, spec["evaluation"]["batch_size"], device,
-                       checks=spec["evaluation"].get("checks"))
+    with Performance.from_spec(spec.get("performance"), device).evaluation():  # on CUDA: TF32 only if eval_tf32
+        metrics = evaluate(model, data, attacks, spec["evaluation"]["batch_size"], device,
+                           checks=spec["evaluation"].get("checks"))
     cell = {"id": f"{entry['label']}__checkpoint", "model": entry["label"], "model_name": entry["name"],
             "defense": "checkpoint", "strength": 0, "status": "done", "seconds": time.perf_counter() - started,
             "parameters": sum(p.numel() for p in model.parameters()), "history": [], "metrics": metrics}

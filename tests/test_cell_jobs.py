@@ -66,15 +66,20 @@ def test_unknown_cell_is_bad_input_listing_the_valid_ids(spec, write_spec, tmp_p
     assert not (tmp_path / "o").exists()  # rejected before anything ran
 
 
-def test_jobs_on_different_precisions_merge_and_each_cell_says_how_it_was_trained(spec, write_spec, tmp_path):
-    """`performance` is not part of the experiment (spec_digest): a bf16 job (GPU, AMX CPU) and an fp32 job merge
-    into one table, and each cell records its own precision, since bf16 training does change the trained weights."""
+def test_jobs_on_different_precisions_are_refused_unless_forced(spec, write_spec, tmp_path):
+    """The resolved precision is part of the experiment: a bf16 job (GPU, AMX CPU) does not silently merge its cell
+    into a folder of fp32 cells; --force merges, and each cell records the precision it was trained in."""
     out = tmp_path / "out"
     fp32 = dict(spec, performance={"precision": "fp32"})
     bf16 = dict(spec, performance={"precision": "bf16"})
     assert invoke("run", str(write_spec(fp32)), "--out", str(out), "--cell", "lenet__s0").exit_code == 0
-    second = invoke("run", str(write_spec(bf16, "bf16.json")), "--out", str(out), "--cell", "lenet__s32")
-    assert second.exit_code == 0
+    refused = invoke("run", str(write_spec(bf16, "bf16.json")), "--out", str(out), "--cell", "lenet__s32")
+    assert refused.exit_code == 2, refused.output
+    assert 'cell lenet__s0' in refused.output and 'performance.precision: "fp32" -> "bf16"' in refused.output
+    assert "--force" in refused.output
+    assert not (out / "cells" / "lenet__s32.json").exists()  # refused before training
+    second = invoke("run", str(write_spec(bf16, "bf16.json")), "--out", str(out), "--cell", "lenet__s32", "--force")
+    assert second.exit_code == 0, second.output
     assert "trained in different precisions: lenet__s0 fp32, lenet__s32 bf16" in second.output
     report = json.loads((out / "report.json").read_text())
     validate_report(report)

@@ -65,7 +65,7 @@ def test_the_papers_models_keep_bf16(name, shape):
 def test_spec_section_is_validated_and_defaulted(tiny_spec):
     resolved = spec_mod.validate(tiny_spec)
     assert resolved["performance"] == {"precision": "auto", "channels_last": "auto", "data_on_device": "auto",
-                                       "compile": False, "tf32": True}
+                                       "compile": False, "tf32": True, "eval_tf32": False}
     tiny_spec["performance"] = {"precision": "fp16"}
     with pytest.raises(Exception, match=r"\$\.performance\.precision"):
         spec_mod.validate(tiny_spec)
