@@ -10,6 +10,7 @@ eps-ball or [0, 1], or non-finite, is not a flag but a hard error (harness.evalu
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -79,14 +80,20 @@ def check_deterministic(model: nn.Module, split: Split, data: DataSplits, device
 
 
 def run_checks(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, AttackPlugin]], cfg: dict | None,
-               batch_size: int, device: torch.device) -> dict:
+               batch_size: int, device: torch.device, seed: int = 0,
+               on_batch: Callable[[], None] | None = None) -> dict:
+    """The flags of FLAGS on the checks subset. Every re-run of an attack goes through per_sample_robust, so it runs
+    on generators of its own seeded from `seed` and its label (harness.evaluate.isolated_rng), as in the main
+    evaluation: no re-run depends on the attacks or checks before it, and none shifts the generators of the run.
+    `on_batch` is called after every batch of every attack run (the runner's stop check: a signal is honoured
+    within one attack call on one batch)."""
     cfg = resolve(cfg)
     tol = float(cfg["tolerance"])
     sub = data.test.subset(cfg["max_samples"], cfg["seed"])
     n = len(sub)
     flags: dict[str, dict] = {"adversary_in_bounds": {"ok": True, "detail": FLAGS["adversary_in_bounds"]}}
     flags["eval_deterministic"] = check_deterministic(model, sub, data, device)
-    _, correct = clean_pass(model, sub, data, batch_size, device)
+    _, correct = clean_pass(model, sub, data, batch_size, device, on_batch)
     clean = _pct(correct, n)
     wanted = cfg["attacks"]
     checked = [(e, a) for e, a in attacks if wanted is None or e["label"] in wanted]
@@ -99,7 +106,8 @@ def run_checks(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Att
         accs = []
         for e in grid:
             plugin = attack if e == eps else _rebuild(attack, entry, e)
-            robust, _ = per_sample_robust(model, dict(entry, eps=e), plugin, sub, correct, data, batch_size, device)
+            robust, _ = per_sample_robust(model, dict(entry, eps=e), plugin, sub, correct, data, batch_size, device,
+                                          on_batch, seed=seed)
             robust_at[(label, e)] = robust
             accs.append(_pct(robust, n))
         grids[label] = {"eps": grid, "acc": accs}
@@ -112,7 +120,7 @@ def run_checks(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Att
         if cfg["convergence"] and any(k in options for k in STRENGTH_OPTIONS):
             stronger = {k: (2 * v if k in STRENGTH_OPTIONS else v) for k, v in options.items()}
             robust, _ = per_sample_robust(model, entry, _rebuild(attack, entry, eps, stronger), sub, correct, data,
-                                          batch_size, device)
+                                          batch_size, device, on_batch, seed=seed)
             base, strong = _pct(robust_at[(label, eps)], n), _pct(robust, n)
             convergence[label] = {"acc": base, "doubled_acc": strong,
                                   "doubled": {k: stronger[k] for k in STRENGTH_OPTIONS if k in stronger}}
@@ -131,14 +139,14 @@ def run_checks(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Att
                                      "doubling did not lower accuracy beyond the tolerance" if convergence
                                      else "no checked attack has steps, restarts or n_queries to double")}
     flags["no_gradient_masking"] = gradient_masking(model, data, sub, correct, checked, robust_at, cfg, batch_size,
-                                                    device)
+                                                    device, seed, on_batch)
     return {"samples": n, "clean_acc": clean, "tolerance": tol,
             "passed": all(f["ok"] is not False for f in flags.values()), "flags": flags}
 
 
 def gradient_masking(model: nn.Module, data: DataSplits, sub: Split, correct: torch.Tensor,
                      checked: list[tuple[dict, AttackPlugin]], robust_at: dict, cfg: dict, batch_size: int,
-                     device: torch.device) -> dict:
+                     device: torch.device, seed: int = 0, on_batch: Callable[[], None] | None = None) -> dict:
     free_cfg = cfg["gradient_free"]
     gradient_based = [(e, a) for e, a in checked if not getattr(a, "gradient_free", False)]
     if not free_cfg or not gradient_based:
@@ -156,7 +164,7 @@ def gradient_masking(model: nn.Module, data: DataSplits, sub: Split, correct: to
                 robust_grad &= robust_at[(entry["label"], eps)]
         free = free_cls(eps=to_unit(eps), **free_cfg["options"])
         robust_free, _ = per_sample_robust(model, {"name": free_cfg["name"], "label": free_cfg["name"], "eps": eps},
-                                           free, sub, correct, data, batch_size, device)
+                                           free, sub, correct, data, batch_size, device, on_batch, seed=seed)
         masked = _pct(robust_grad & ~robust_free, n)
         per_eps[f"{eps:g}"] = {"gradient_acc": _pct(robust_grad, n), "gradient_free_acc": _pct(robust_free, n),
                                "broken_only_without_gradients": masked}

@@ -9,13 +9,21 @@
 - for minimal-norm attacks (an optional `minimal_perturb` method, see harness.plugin.AttackPlugin) the accuracy
   at every eps of a curve, from the per-sample distances of one run;
 - the sanity checks of harness.checks on a small subset, when the spec enables them.
+
+Every attack runs on random number generators of its own (`isolated_rng`), seeded from the spec's seed and the
+attack's label alone: its result does not depend on which attacks ran before it, and it leaves the generators of
+the rest of the run as it found them.
 """
 
 from __future__ import annotations
 
+import random
 import time
-from typing import Callable
+import zlib
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +57,37 @@ def check_adversary(label: str, x: torch.Tensor, x_adv: torch.Tensor, eps: float
         raise AttackContractError(
             f"attack {label!r} moved an image by {dist * 255:.4g}/255 in Linf, outside its eps-ball of {eps * 255:.4g}/255",
             fix="the attack plugin must project onto the eps-ball it was given")
+
+
+def attack_seed(seed: int, label: str) -> int:
+    """The seed of one attack's randomness: a function of the spec's seed and the attack's label alone (not of
+    its position in the spec, nor of the attacks before it)."""
+    return zlib.crc32(f"{seed}/{label}".encode())
+
+
+@contextmanager
+def isolated_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the body on random number generators of its own, seeded with `seed`, and restore the global ones after.
+
+    Covers torch's CPU generator, every CUDA device's when CUDA is in use, numpy's and Python's global generators.
+    Attacks draw random starts from the global torch generator, and torchattacks' and AutoAttack's APGD, APGD-T,
+    FAB and Square even re-seed it (torch.manual_seed inside every call): without this, an attack's random start
+    would depend on which attacks ran before it in the spec, and the attacks would shift every later random draw.
+    """
+    cuda = device.type == "cuda" or (torch.cuda.is_available() and torch.cuda.is_initialized())
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed_all(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 @torch.no_grad()
@@ -133,8 +172,17 @@ def curve_grid(entry: dict) -> list[float]:
 
 def per_sample_robust(model: nn.Module, entry: dict, attack: AttackPlugin, split: Split, clean_correct: torch.Tensor,
                       data: DataSplits, batch_size: int, device: torch.device,
-                      on_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict]:
-    """Per-sample robustness at the attack's eps and the attack's report entry (acc, and a curve if minimal-norm)."""
+                      on_batch: Callable[[], None] | None = None, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Per-sample robustness at the attack's eps and the attack's report entry (acc, and a curve if minimal-norm).
+
+    The attack runs on generators of its own, seeded by attack_seed(seed, its label) (see isolated_rng)."""
+    with isolated_rng(attack_seed(seed, str(entry.get("label", entry["name"]))), device):
+        return _per_sample_robust(model, entry, attack, split, clean_correct, data, batch_size, device, on_batch)
+
+
+def _per_sample_robust(model: nn.Module, entry: dict, attack: AttackPlugin, split: Split, clean_correct: torch.Tensor,
+                       data: DataSplits, batch_size: int, device: torch.device,
+                       on_batch: Callable[[], None] | None) -> tuple[torch.Tensor, dict]:
     n = max(len(clean_correct), 1)
     result: dict = {"name": entry["name"], "eps": entry["eps"]}
     if is_minimal_norm(attack):
@@ -171,8 +219,13 @@ def worst_case(entries: list[dict], robust: dict[str, torch.Tensor], n: int) -> 
 
 def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, AttackPlugin]], batch_size: int,
              device: torch.device, on_batch: Callable[[], None] | None = None, checks: dict | None = None,
-             timings: dict | None = None) -> dict:
+             timings: dict | None = None, seed: int = 0, on_checks_batch: Callable[[], None] | None = None) -> dict:
     """The metrics of one cell (accuracies in percent, as the paper prints them).
+
+    `on_batch` is called after every batch of the evaluation, `on_checks_batch` once before the sanity checks and
+    after every batch of them (the runner's progress and stop checks).
+
+    `seed` (the spec's) seeds each attack's own generators, with the attack's label (see isolated_rng).
 
     Metrics are results only; wall-clock seconds per attack (and for the checks) go into `timings` when given, so
     that the same cell evaluated twice has equal metrics.
@@ -192,7 +245,7 @@ def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Attac
     for entry, attack in attacks:
         started = time.perf_counter()
         per_sample[entry["label"]], metrics["attacks"][entry["label"]] = per_sample_robust(
-            model, entry, attack, data.test, correct, data, batch_size, device, on_batch)
+            model, entry, attack, data.test, correct, data, batch_size, device, on_batch, seed=seed)
         timings.setdefault("attacks", {})[entry["label"]] = time.perf_counter() - started
     first = attacks[0][0]["label"] if attacks else None
     metrics["pgd_acc"] = metrics["attacks"][first]["acc"] if first else None
@@ -202,6 +255,9 @@ def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Attac
         from harness.checks import run_checks
 
         started = time.perf_counter()
-        metrics["checks"] = run_checks(model, data, attacks, checks, batch_size, device)
+        if on_checks_batch is not None:
+            on_checks_batch()
+        metrics["checks"] = run_checks(model, data, attacks, checks, batch_size, device, seed=seed,
+                                       on_batch=on_checks_batch)
         timings["checks"] = time.perf_counter() - started
     return metrics

@@ -257,7 +257,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     evaluated = time.perf_counter()
     with performance.evaluation():  # fp32, and on CUDA without TF32 unless the spec's eval_tf32 asks for it
         metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch,
-                           checks=spec["evaluation"].get("checks"), timings=timings)
+                           checks=spec["evaluation"].get("checks"), timings=timings, seed=spec["seed"])
         timings["evaluate"] = time.perf_counter() - evaluated
         progress.update(task, visible=False)
         analysed = time.perf_counter()

@@ -129,7 +129,7 @@ def evaluate_checkpoint(spec: dict, weights: Path, out_dir: Path, console: Conso
     started = time.perf_counter()
     with Performance.from_spec(spec.get("performance"), device).evaluation():  # on CUDA: TF32 only if eval_tf32
         metrics = evaluate(model, data, attacks, spec["evaluation"]["batch_size"], device,
-                           checks=spec["evaluation"].get("checks"))
+                           checks=spec["evaluation"].get("checks"), seed=spec["seed"])
     cell = {"id": f"{entry['label']}__checkpoint", "model": entry["label"], "model_name": entry["name"],
             "defense": "checkpoint", "strength": 0, "status": "done", "seconds": time.perf_counter() - started,
             "parameters": sum(p.numel() for p in model.parameters()), "history": [], "metrics": metrics}
