@@ -25,15 +25,8 @@ from torch import nn
 from harness.errors import BadInput
 from harness.plugin import AttackPlugin
 
-# The reference's settings (fra31/auto-attack, autoattack.py: the AutoAttack constructor and set_version), for the
-# option text and the tests that pin them; the adapter does not set them, the reference does.
-REFERENCE_TARGETS = 9  # APGD-T and FAB-T target the 9 classes with the highest logits after the true one
-REFERENCE_VERSIONS = {
-    "standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
-    "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"],
-    "rand": ["apgd-ce", "apgd-dlr"],
-}
-# The fewest classes each loss can work with: DLR reads the third-largest logit, targeted DLR the fourth.
+# The fewest classes each of the reference's attacks can work with: DLR reads the third-largest logit, targeted DLR
+# the fourth (the reference itself only warns, then fails indexing past the logits).
 MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 
 
@@ -95,14 +88,14 @@ class AutoAttack(AttackPlugin):
         set_version configure it (only the number of targets lowered where fewer classes exist)."""
         from pyautoattack import AutoAttack as ReferenceAutoAttack
 
-        too_few = [name for name in REFERENCE_VERSIONS[self.version] if n_classes < MIN_CLASSES.get(name, 2)]
+        attack = ReferenceAutoAttack(model, eps=self.eps, norm="Linf", version=self.version, seed=self.seed,
+                                     device=device)
+        too_few = [name for name in attack.attacks_to_run if n_classes < MIN_CLASSES.get(name, 2)]
         if too_few:
             raise BadInput(f"autoattack (version {self.version}) cannot attack a {n_classes}-class model: "
                            f"{', '.join(too_few)} need(s) at least {max(MIN_CLASSES[n] for n in too_few)} classes "
                            f"(the DLR loss compares the largest logits)",
                            fix="use foolbox-pgd, advertorch-pgd and square for models with so few classes")
-        attack = ReferenceAutoAttack(model, eps=self.eps, norm="Linf", version=self.version, seed=self.seed,
-                                     device=device)
         for component in (attack.apgd_targeted, attack.fab):
             component.n_target_classes = min(component.n_target_classes, n_classes - 1)
         return attack
