@@ -37,8 +37,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from harness import integrity
 from harness.errors import BadInput
-from harness.paths import REPORT_MAX_BYTES, inside, read_regular, require_regular, write_atomic
+from harness.paths import inside, require_regular, write_atomic
 
 FORMAT = 1
 REQUIRED = ("format", "cell", "fingerprint", "spec", "epoch", "step", "history", "model", "optimizer", "scheduler",
@@ -168,14 +169,19 @@ def resume_training(state, model, optimizer, scheduler, order) -> tuple[list[dic
 
 
 def save(path: Path, state: dict) -> None:
-    """torch.save atomically (harness.paths.write_atomic): a crash mid-write never damages the last checkpoint."""
-    write_atomic(path, lambda fh: torch.save(state, fh))
+    """torch.save atomically (harness.paths.write_atomic): a crash mid-write never damages the last checkpoint.
+    The state is saved with its content checksum (harness.integrity), which `load` verifies."""
+    sealed = {**state, integrity.KEY: integrity.state_checksum(state)}
+    write_atomic(path, lambda fh: torch.save(sealed, fh))
 
 
 def load(path: Path, *, mmap: bool = False) -> dict:
-    """Read a checkpoint (tensors and plain containers only); a damaged or foreign file is a BadInput naming it.
+    """Read a checkpoint (tensors and plain containers only). A file torch cannot read, or whose content does not
+    match its checksum (harness.integrity), is damaged: BadInput naming it. One that reads but is not a checkpoint
+    of this harness (a list, a string, a field of the wrong type) raises integrity.Unusable: treat it as missing.
+    A checkpoint without a checksum (written before checksums) is used when it is otherwise valid.
 
-    `mmap=True` maps the tensors instead of reading them: checking a large checkpoint's fingerprint costs little."""
+    `mmap=True` maps the tensors instead of reading them (the checksum still reads every byte once)."""
     fix = f"delete {path} (that cell then starts over) or run again with --fresh"
     require_regular(path, "checkpoint", fix=fix)  # torch.load of a FIFO would block forever
     try:
@@ -183,11 +189,58 @@ def load(path: Path, *, mmap: bool = False) -> dict:
     except Exception as exc:  # truncated zip, not a torch file, a pickle with code in it: all "cannot use this"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BadInput(f"checkpoint {path} cannot be read: {type(exc).__name__}: {reason[:300]}", fix=fix) from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED):
-        missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
-        raise BadInput(f"checkpoint {path} is not a harness checkpoint of format {FORMAT}"
-                       + (f" (missing {', '.join(missing)})" if missing else ""), fix=fix)
+    if not isinstance(state, dict):
+        raise integrity.Unusable(f"it holds a {type(state).__name__}, not a checkpoint")
+    integrity.verify(state, integrity.state_checksum(state), path, "checkpoint", "trained again from the start")
+    problem = _invalid(state)
+    if problem:
+        raise integrity.Unusable(f"it is not a harness checkpoint of format {FORMAT}: {problem}")
     return state
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each field of a checkpoint must be (checked on load: a field of another type would crash mid-resume).
+_FIELDS = {
+    "format": (lambda v: v == FORMAT and _is_int(v), f"the number {FORMAT}"),
+    "cell": (lambda v: isinstance(v, str), "a string"),
+    "fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "spec": (lambda v: isinstance(v, dict), "a dict"),
+    "epoch": (_is_int, "an integer >= 0"),
+    "step": (_is_int, "an integer >= 0"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of dicts"),
+    "model": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                    for k, t in v.items()), "a dict of tensors"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list), "an optimizer state_dict"),
+    "scheduler": (lambda v: isinstance(v, dict), "a scheduler state_dict"),
+    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("python"), (tuple, list))
+            and isinstance(v.get("numpy"), dict) and isinstance(v["numpy"].get("keys"), torch.Tensor)
+            and isinstance(v.get("torch"), torch.Tensor) and isinstance(v.get("cuda"), (list, tuple))
+            and isinstance(v.get("order"), torch.Tensor), "the random-number states (capture_rng)"),
+    "order_epoch_start": (lambda v: isinstance(v, torch.Tensor), "a generator state (a tensor)"),
+    "partial": (lambda v: isinstance(v, dict) and _is_number(v.get("total")) and _is_int(v.get("seen"))
+                and _is_number(v.get("seconds")), "a dict of total, seen and seconds"),
+}
+
+
+def _invalid(state: dict) -> str | None:
+    """What is wrong with a loaded checkpoint's fields (None when nothing is)."""
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for key, (valid, expected) in _FIELDS.items():
+        if not valid(state[key]):
+            value = state[key]
+            shown = type(value).__name__ if isinstance(value, (dict, list, torch.Tensor)) else repr(value)
+            return f"{key} is {shown[:60]}, not {expected}"
+    return None
 
 
 def mismatch(state: dict, view: dict) -> list[str]:
@@ -195,6 +248,17 @@ def mismatch(state: dict, view: dict) -> list[str]:
     if state["fingerprint"] == fingerprint(view):
         return []
     return diff(state["spec"], view) or ["training-relevant settings differ (fingerprints differ)"]
+
+
+def check_resumable(state: dict, view: dict, path: Path, cell_id: str, *, force: bool) -> None:
+    """The check of the cell that is about to resume from `state` (plan_resume checked the file found when the run
+    was planned; this one checks the file actually loaded, which may have appeared since: another job's, or that
+    of another cell of the same id). BadInput unless it was written under `view` or `force` allows it."""
+    changed = mismatch(state, view)
+    if changed and not force:
+        raise BadInput(f"checkpoint {path} was not written by cell {cell_id} under this spec (it was written by cell "
+                       f"{state['cell']!r}); resuming from it would mix two experiments:\n  " + "\n  ".join(changed),
+                       fix=f"delete {path} to train cell {cell_id} from the start, or run again with --fresh")
 
 
 # ------------------------------------------------------------------------------------- what to do with each cell
@@ -206,25 +270,15 @@ def cell_paths(out_dir: Path, cell_id: str) -> tuple[Path, Path]:
             inside(out_dir / "checkpoints", cell_id + ".pt", where=f"cell {cell_id!r}"))
 
 
-def read_result(result_path: Path) -> Any:
-    """A cell file's JSON, or None when it is absent or not JSON (it is written atomically, so never half-written by
-    us). Anything but a regular file there (a FIFO would block the read forever) is BadInput naming it."""
-    if not result_path.exists() and not result_path.is_symlink():
-        return None
-    try:
-        data = read_regular(result_path, "cell", REPORT_MAX_BYTES,
-                            fix=f"remove {result_path} (that cell is then evaluated again)")
-        return json.loads(data.decode("utf-8"))
-    except ValueError:
-        return None
-
-
 def finished_result(result_path: Path, view: dict, evaluation: dict) -> dict | None:
-    """The cell's stored result when it is done under the same training view and evaluation, else None."""
-    result = read_result(result_path)
+    """The cell's stored result when it is done under the same training view and evaluation, else None.
+
+    Read by harness.integrity.read_cell: BadInput when the file is damaged, integrity.Unusable when it is not a
+    cell result."""
+    result = integrity.read_cell(result_path)
     if result is None:
         return None
-    fp = result.get("fingerprint") if isinstance(result, dict) else None
+    fp = result.get("fingerprint")
     if (result.get("status") == "done" and isinstance(fp, dict) and fp.get("training") == fingerprint(view)
             and fp.get("evaluation") == fingerprint(evaluation)):
         return result
@@ -232,8 +286,11 @@ def finished_result(result_path: Path, view: dict, evaluation: dict) -> dict | N
 
 
 def plan_resume(spec: dict, cells: list, out_dir: Path, *, fresh: bool, force: bool,
-                performance: Mapping[str, Any]) -> dict[str, str]:
+                performance: Mapping[str, Any], notes: list[str] | None = None) -> dict[str, str]:
     """For each cell id: 'skip' (finished under this spec), 'resume' (a usable checkpoint) or 'start'.
+
+    A cell file or checkpoint that is not one of this harness (harness.integrity.Unusable) counts as missing; what
+    is ignored, and why, is appended to `notes`. A damaged one (its checksum) is BadInput naming it.
 
     `performance` maps each cell id to its resolved harness.performance.Performance (after `for_model`).
     --fresh deletes the cells' results and checkpoints first. A checkpoint written under another training view is
@@ -250,13 +307,25 @@ def plan_resume(spec: dict, cells: list, out_dir: Path, *, fresh: bool, force: b
             continue
         cell_performance = performance[cell.id]
         view = training_view(spec, cell.model, cell.strength, cell_performance.training_view())
-        if finished_result(result_path, view, evaluation_view(spec, cell_performance.evaluation_tf32)) is not None:
+        try:
+            finished = finished_result(result_path, view, evaluation_view(spec, cell_performance.evaluation_tf32))
+        except integrity.Unusable as exc:
+            finished = None
+            if notes is not None:
+                notes.append(f"cell {cell.id}: ignoring {result_path}: {exc}; the cell is re-evaluated "
+                             "(or trained, without a usable checkpoint)")
+        if finished is not None:
             decisions[cell.id] = "skip"
             continue
         if not ckpt_path.exists():
             decisions[cell.id] = "start"
             continue
-        changed = mismatch(load(ckpt_path, mmap=True), view)
+        try:
+            state = load(ckpt_path, mmap=True)
+        except integrity.Unusable:
+            decisions[cell.id] = "start"  # run_cell says so when it ignores the file
+            continue
+        changed = mismatch(state, view)
         if changed and not force:
             refused.append(f"cell {cell.id} ({ckpt_path}):\n    " + "\n    ".join(changed))
         decisions[cell.id] = "resume"

@@ -34,9 +34,10 @@ from harness.report import validate_report, write_json_atomic
 from harness.distributed import Distributed
 from harness.performance import Performance, Runtime
 from harness.train import steps_per_epoch, train
-from harness import checkpoint, merge
+from harness import checkpoint, integrity, merge
+from harness import spec as spec_mod
 from harness.interrupt import InterruptGuard, TrainingStopped
-from harness.paths import check_dataset_root
+from harness.paths import check_dataset_root, remove_stale_temps
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,16 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"{self.model['label']}__s{self.strength:g}"
+        return spec_mod.cell_id(self.model["label"], self.strength)
 
 
 def plan(spec: dict) -> list[Cell]:
+    """The spec's cells, model by model. Their ids are unique, also ignoring case (spec.colliding_cells, checked
+    here too for a spec that did not come through spec.validate): two cells never share a file."""
+    collisions = spec_mod.colliding_cells(spec)
+    if collisions:
+        raise BadInput("two cells of the spec would have the same id, and so the same files:\n  "
+                       + "\n  ".join(collisions), fix="correct each value at the JSON path shown")
     return [Cell(model, float(s)) for model in spec["models"] for s in spec["defense"]["strengths"]]
 
 
@@ -74,12 +81,18 @@ def spec_digest(spec: dict) -> str:
     return checkpoint.fingerprint(core)[:16]
 
 
-def collect_cells(out_dir: Path, spec: dict) -> list[dict]:
-    """Every cell file under out_dir/cells/ of this spec (same digest), in plan order."""
+def collect_cells(out_dir: Path, spec: dict, notes: list[str] | None = None) -> list[dict]:
+    """Every cell file under out_dir/cells/ of this spec (same digest), in plan order. A file that is not a cell
+    result (harness.integrity.Unusable) is left out, and named in `notes`; a damaged one is BadInput."""
     digest, order = spec_digest(spec), {c.id: i for i, c in enumerate(plan(spec))}
     found = []
     for path in sorted((out_dir / "cells").glob("*.json")):
-        cell = checkpoint.read_result(path)  # None: not JSON, so not a result of this spec
+        try:
+            cell = integrity.read_cell(path)
+        except integrity.Unusable as exc:
+            if notes is not None and path.stem in order:
+                notes.append(f"left out {path}: {exc}")
+            continue
         if isinstance(cell, dict) and cell.get("spec_digest") == digest and cell.get("id") in order:
             found.append(cell)
     return sorted(found, key=lambda c: order[c["id"]])
@@ -206,7 +219,7 @@ def report_document(spec: dict, data: DataSplits, env: dict, cells: list[dict], 
 
 def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Progress,
              runtime: Runtime | None = None, out_dir: Path | None = None,
-             guard: InterruptGuard | None = None) -> dict | None:
+             guard: InterruptGuard | None = None, force: bool = False) -> dict | None:
     seed_everything(spec["seed"])  # the same initialisation for every strength: cells differ only by strength
     model_cls = registry.load("model", cell.model["name"])
     model = model_cls(**cell.model["options"]).build(data.num_classes, data.input_shape).to(device)
@@ -227,7 +240,15 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     # (under torchrun every rank resumes from the same file and rank 0 alone writes it).
     view = checkpoint.training_view(spec, cell.model, cell.strength, performance.training_view())
     ckpt_path = checkpoint.cell_paths(out_dir, cell.id)[1] if out_dir is not None else None
-    resume = checkpoint.load(ckpt_path) if ckpt_path is not None and ckpt_path.exists() else None
+    resume = None
+    if ckpt_path is not None and ckpt_path.exists():
+        try:
+            resume = checkpoint.load(ckpt_path)
+        except integrity.Unusable as exc:  # not a checkpoint of this harness: as if there were none
+            progress.console.print(f"cell {cell.id}: ignoring {ckpt_path}: {exc}; training from the start",
+                                   style="yellow", markup=False, highlight=False, soft_wrap=True)
+        else:  # checked again here: the file may have appeared since the run was planned
+            checkpoint.check_resumable(resume, view, ckpt_path, cell.id, force=force)
     ident = {"cell": cell.id, "fingerprint": checkpoint.fingerprint(view), "spec": view}
     writes = runtime is None or runtime.distributed is None or runtime.distributed.is_main
     save = (lambda state: checkpoint.save(ckpt_path, {**state, **ident})) if ckpt_path is not None and writes else None
@@ -264,7 +285,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         analysis = analyze_cell(model, data, spec, device)  # the paper's section 4 quantities; None when disabled
     if analysis is not None:
         timings["analysis"] = time.perf_counter() - analysed
-    return {
+    result = {
         "id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
         "defense": defense_entry["name"], "strength": cell.strength, "status": "done",
         "spec_digest": spec_digest(spec),
@@ -276,6 +297,11 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
             checkpoint.evaluation_view(spec, performance.evaluation_tf32))},
         **({"resumed_from": {"epoch": resume["epoch"], "step": resume["step"]}} if resume is not None else {}),
     }
+    non_finite = spec_mod.non_finite_numbers(result)
+    if non_finite:  # JSON has no NaN: a result that is not finite fails its cell, as a non-finite loss does
+        raise RunFailure(f"cell {cell.id}: its results hold non-finite numbers (the model's outputs overflow or are "
+                         "NaN): " + "; ".join(m.split(":")[0] for m in non_finite[:10]))
+    return result
 
 
 def make_progress(console: Console) -> Progress:
@@ -313,7 +339,17 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
         if c.model["label"] not in by_model:
             by_model[c.model["label"]] = cell_performance(performance, c, data)
     per_cell = {c.id: by_model[c.model["label"]] for c in plan(spec)}
-    decisions = checkpoint.plan_resume(spec, selected, out_dir, fresh=fresh, force=force, performance=per_cell)
+    if distributed is None or distributed.is_main:  # rank 0 writes, so rank 0 tidies
+        stale = remove_stale_temps(out_dir, out_dir / "cells", out_dir / "checkpoints")
+        if stale:
+            console.print(f"removed {len(stale)} temporary file{'s' if len(stale) > 1 else ''} left by interrupted "
+                          "writers: " + ", ".join(str(p) for p in stale), markup=False, highlight=False,
+                          soft_wrap=True)
+    notes: list[str] = []
+    decisions = checkpoint.plan_resume(spec, selected, out_dir, fresh=fresh, force=force, performance=per_cell,
+                                       notes=notes)
+    for note in notes:
+        console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     check_mergeable(out_dir, spec, selected, per_cell, console, force=force)
     if distributed is not None:
         distributed.init(device)
@@ -334,13 +370,18 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
             if stop():
                 raise guard.interrupted(f"stopped before cell {cell.id}")
             if decisions[cell.id] == "skip":
-                cells.append(checkpoint.read_result(result_path))
-                console.print(f"cell {cell.id}: finished earlier under the same spec, kept ({result_path})")
-                continue
+                try:  # verified again: the file may have changed since the run was planned
+                    kept = integrity.read_cell(result_path)
+                except integrity.Unusable:
+                    kept = None
+                if kept is not None:
+                    cells.append(kept)
+                    console.print(f"cell {cell.id}: finished earlier under the same spec, kept ({result_path})")
+                    continue
             if decisions[cell.id] == "resume":
                 console.print(f"cell {cell.id}: resuming from {ckpt_path}")
             try:
-                result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard)
+                result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard, force=force)
             except RunFailure as exc:
                 console.print(f"[red]cell {cell.id} failed:[/red] {exc}")
                 result = {"id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
@@ -354,7 +395,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                 reference = paper.compare(cell.model["paper_block"], cell.strength, result["metrics"])
                 if reference is not None:
                     result["paper"] = reference
-            write_json_atomic(result_path, result)
+            result = integrity.write_cell(result_path, result)  # with its checksum
             cells.append(result)
             if result["status"] == "done":
                 m = result["metrics"]
@@ -370,7 +411,11 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
             return None
     env = dict(environment(device), performance=performance.describe(),
                world_size=distributed.world_size if distributed is not None else 1)
-    report = report_document(spec, data, env, merge_cells(collect_cells(out_dir, spec), cells, spec), smoke=smoke,
+    notes = []
+    others = collect_cells(out_dir, spec, notes)
+    for note in notes:
+        console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
+    report = report_document(spec, data, env, merge_cells(others, cells, spec), smoke=smoke,
                              **({"smoke_overrides": smoke_overrides} if smoke else {}))
     validate_report(report)
     write_json_atomic(out_dir / "report.json", report)

@@ -169,8 +169,10 @@ def test_checkpoint_of_another_architecture_is_refused(small_spec, write_spec, t
     assert forced.exit_code == 2 and "does not fit this model" in forced.output and "--fresh" in forced.output
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_damaged_checkpoint_is_a_clear_error(small_spec, write_spec, tmp_path, damage):
+    """A file torch cannot read. (One it reads that is no checkpoint, such as another program's tensors, is
+    treated as missing: tests/faults/test_integrity.py.)"""
     out = tmp_path / "out"
     small_spec["training"]["epochs"] = 1
     assert invoke("run", write_spec(small_spec), "--out", out).exit_code == 0
@@ -178,10 +180,8 @@ def test_damaged_checkpoint_is_a_clear_error(small_spec, write_spec, tmp_path, d
     ckpt = out / "checkpoints" / f"{CELL}.pt"
     if damage == "garbage":
         ckpt.write_bytes(b"\x00not a checkpoint" * 10)
-    elif damage == "truncated":
-        ckpt.write_bytes(ckpt.read_bytes()[:1000])
     else:
-        torch.save({"weights": torch.zeros(3)}, ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
     result = invoke("run", write_spec(small_spec), "--out", out)
     assert result.exit_code == 2, result.output
     assert f"checkpoint {ckpt}" in result.output and "--fresh" in result.output
