@@ -250,6 +250,29 @@ def bench(spec_path: Path, out_path: Path | None, cell_ids: tuple[str, ...], bat
 
 
 @cli.command()
+@click.option("--device", "device_choice", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where to check: auto is CUDA when torch sees a GPU, else the CPU.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for selftest.json (default: reports/selftest/).")
+def selftest(device_choice: str, out_dir: Path | None) -> None:
+    """Check that the harness computes correctly on this machine, in about a minute: a PGD-AT training run,
+    advertorch vs foolbox PGD, bf16 vs fp32 attacks, the on-device data path, every adversary in its ball,
+    exact resume, and the training step's speed; prints a table, writes selftest.json, exits 1 if a check fails."""
+    from harness import selftest as selftest_mod
+    from harness.errors import RunFailure
+
+    out_dir = out_dir or Path("reports") / "selftest"
+    doc = selftest_mod.run(device_choice, out_dir, console)
+    selftest_mod.render(doc, console)
+    console.print(f"selftest: {out_dir / 'selftest.json'}", highlight=False)
+    failed = [c["name"] for c in doc["checks"] if c["status"] == "fail"]
+    if failed:
+        raise RunFailure(f"{len(failed)} selftest check(s) failed: {', '.join(failed)}",
+                         fix="see the table and selftest.json; results computed on this machine are not to be "
+                             "trusted until every check passes")
+
+
+@cli.command()
 def plugins() -> None:
     """List every plugin of every group with the distribution providing it; try loading each."""
     table = Table(title="harness plugins", title_justify="left")
