@@ -298,12 +298,20 @@ def killed_mid_write(folder: Path, name: str) -> Path:
     return temps[0]
 
 
-def test_temp_files_of_killed_writers_are_removed_on_the_next_run_and_live_ones_kept(copy_of):
+def test_temp_files_of_killed_writers_are_removed_on_the_next_run_and_live_ones_kept(copy_of, finished):
     spec_path, out = copy_of
     orphans = [killed_mid_write(out / "checkpoints", f"{CELL}.pt"), killed_mid_write(out / "cells", f"{CELL}.json"),
                killed_mid_write(out, "report.json")]
+    dead_pid = int(orphans[0].name.split(".")[-3])
+    # a writer on another machine sharing the folder: its pid means nothing here, but it holds the file's lock
+    remote = out / "cells" / f".other__s1.json.{dead_pid}.zz99.tmp"
+    remote.write_bytes(b"being written elsewhere")
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+              "print('locked', flush=True); time.sleep(120)")
+    locker = subprocess.Popen([sys.executable, "-c", holder, str(remote)], stdout=subprocess.PIPE, text=True)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:  # another job, still writing into the same folder: its temp file must survive
+        assert locker.stdout.readline() == "locked\n"
         live = out / "checkpoints" / f".other__s1.pt.{alive.pid}.abcd1234.tmp"
         live.write_bytes(b"being written")
         mine = out / "notes.tmp"
@@ -311,7 +319,10 @@ def test_temp_files_of_killed_writers_are_removed_on_the_next_run_and_live_ones_
         result = invoke("run", spec_path, "--out", out)
         assert result.exit_code == 0, result.output
         assert "removed 3 temporary files left by interrupted writers" in result.output
-        assert not any(p.exists() for p in orphans) and live.exists() and mine.exists()
+        assert not any(p.exists() for p in orphans)
+        assert live.exists() and remote.exists() and mine.exists()
+        assert comparable(read_report(out)) == comparable(read_report(finished[1]))
     finally:
-        alive.kill()
-        alive.wait()
+        for proc in (alive, locker):
+            proc.kill()
+            proc.wait()
