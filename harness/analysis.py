@@ -115,11 +115,13 @@ def search_ball(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
 
 
 def _clean_margins(model: nn.Module, split: Split, data: DataSplits, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
+                   device: torch.device, on_batch: Callable[[], None] | None = None) -> torch.Tensor:
     out = []
     with torch.no_grad(), adversary_mode(model):
         for x, y in batches(split, batch_size, device, transform=data.eval_transform):
             out.append(margins(model(x), y).cpu())
+            if on_batch is not None:
+                on_batch()
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -137,13 +139,13 @@ def resolve_options(analysis: dict, spec: dict) -> dict:
 def analyze(model: nn.Module, data: DataSplits, options: dict, batch_size: int, device: torch.device,
             seed: int = 0, on_batch: Callable[[], None] | None = None) -> dict:
     """The per-cell `analysis` object of the report (see the module docstring); `options` as resolve_options gives
-    them (eps and step_size on the 0-255 scale)."""
+    them (eps and step_size on the 0-255 scale). `on_batch` is called after every batch (the runner's stop check)."""
     started = time.perf_counter()
     gamma = float(options["gamma"])
     eps, step_size = to_unit(options["eps"]), to_unit(options["step_size"])
 
-    train_m = _clean_margins(model, data.train, data, batch_size, device)
-    test_m = _clean_margins(model, data.test, data, batch_size, device)
+    train_m = _clean_margins(model, data.train, data, batch_size, device, on_batch)
+    test_m = _clean_margins(model, data.test, data, batch_size, device, on_batch)
     ramp_train, ramp_test = float(ramp_loss(train_m, gamma).mean()), float(ramp_loss(test_m, gamma).mean())
 
     subset = data.train.subset(options["max_train"], seed)
@@ -184,13 +186,14 @@ def analyze(model: nn.Module, data: DataSplits, options: dict, batch_size: int, 
     }
 
 
-def analyze_cell(model: nn.Module, data: DataSplits, spec: dict, device: torch.device) -> dict | None:
+def analyze_cell(model: nn.Module, data: DataSplits, spec: dict, device: torch.device,
+                 on_batch: Callable[[], None] | None = None) -> dict | None:
     """The runner's hook: the cell's `analysis` object, or None when the spec disables it (or predates it)."""
     settings = spec.get("analysis") or {}
     if not settings.get("enabled", False):
         return None
     return analyze(model, data, resolve_options(settings, spec), spec["evaluation"]["batch_size"], device,
-                   seed=spec["seed"])
+                   seed=spec["seed"], on_batch=on_batch)
 
 
 ANALYSIS_ROWS = [  # (row, getter, format)

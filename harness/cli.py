@@ -88,8 +88,12 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
         spec["seed"] = seed
     default_name = spec["name"] + (f"-seed{seed}" if seed is not None else "") + ("-smoke" if smoke else "")
     out_dir = out_dir or inside(Path("reports"), default_name, where="$.name")
+    from harness.figures import write_figures
+
+    figures: list[Path] = []  # drawn by the run while it holds report.json's lock, from the report it wrote
     try:
-        report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=list(cell_ids), fresh=fresh, force=force)
+        report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=list(cell_ids), fresh=fresh, force=force,
+                          on_report=lambda written: figures.extend(write_figures(written, out_dir)))
     except Interrupted as exc:
         again = ["harness", "run", str(spec_path), "--out", str(out_dir)]  # never --fresh: that would start over
         again += (["--smoke"] if smoke else []) + (["--data-root", str(data_root)] if data_root else [])
@@ -104,7 +108,7 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
 
     render_attack_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
-    _write_figures(report, out_dir)
+    _write_figures(report, out_dir, figures)
     failed = [c["id"] for c in report["cells"] if c["status"] != "done"]
     if failed:
         err_console.print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see report.json)",
@@ -145,13 +149,16 @@ def validate(spec_path: Path) -> None:
     console.print(f"{spec_path}: valid. {len(cells)} cell(s): " + ", ".join(c.id for c in cells), highlight=False)
 
 
-def _write_figures(report: dict, out_dir: Path) -> None:
-    """The analysis table (when cells have an analysis) and Figures 2-4 beside the report."""
+def _write_figures(report: dict, out_dir: Path, paths: list[Path] | None = None) -> None:
+    """The analysis table (when cells have an analysis) and Figures 2-4 beside the report (`paths`: already drawn)."""
     from harness.analysis import render_analysis_table
     from harness.figures import write_figures
+    from harness.paths import locked, report_lock
 
     render_analysis_table(report, console)
-    paths = write_figures(report, out_dir)
+    if paths is None:
+        with locked(report_lock(out_dir)):  # one writer of a folder's report and figures at a time
+            paths = write_figures(report, out_dir)
     if paths:
         console.print("figures: " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
 

@@ -30,9 +30,14 @@ class Interrupted(HarnessError):
 class InterruptGuard:
     """Context manager: while active, SIGINT/SIGTERM set `signum` instead of killing the process."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, hold_after_stop: bool = False) -> None:
+        """`hold_after_stop` (torchrun ranks): when the block ends with Interrupted, further SIGINT/SIGTERM are
+        ignored until the process exits instead of the previous handlers being restored. The ranks stop together,
+        but one exits first, and torchrun then sends SIGTERM to the others: a rank still printing its message or
+        shutting down must not be killed by it (exit -15 instead of 143). torchrun sends SIGKILL after 30 s."""
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self.hold_after_stop = hold_after_stop
 
     def __enter__(self) -> "InterruptGuard":
         if threading.current_thread() is threading.main_thread():  # signal.signal only works there
@@ -40,17 +45,18 @@ class InterruptGuard:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        hold = self.hold_after_stop and exc_type is not None and issubclass(exc_type, Interrupted)
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, _already_stopping if hold else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint of this step
         self.signum = signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name} received: stopping at the next step boundary "
-                         "and writing a checkpoint\n")
+        sys.stderr.write(f"\n{signal.Signals(signum).name} received: stopping at the next step boundary (writing a "
+                         "checkpoint), or after the current batch when the cell is already trained\n")
         sys.stderr.flush()
 
     def adopt(self, signum: int) -> None:
@@ -63,6 +69,11 @@ class InterruptGuard:
     def interrupted(self, where: str) -> Interrupted:
         name = signal.Signals(self.signum).name
         return Interrupted(self.signum, f"interrupted by {name}: {where}")
+
+
+def _already_stopping(signum: int, frame) -> None:
+    """The handler left in place by a guard with `hold_after_stop` after it stopped the run: the process is
+    already on its way out with the exit code of the first signal."""
 
 
 class TrainingStopped(Exception):

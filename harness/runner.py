@@ -6,6 +6,7 @@ assembled from those files, so a failure in one cell never touches the results o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -15,6 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from harness import registry
 from harness import paper
 from harness import smoke as smoke_mod
 from harness.analysis import analyze_cell
-from harness.errors import BadInput, DatasetNotFound, RunFailure
+from harness.errors import BadInput, DatasetNotFound, HarnessError, RunFailure
 from harness.evaluate import evaluate
 from harness.plugin import ADVERSARY_POLICY, DataSplits, to_unit
 from harness.report import validate_report, write_json_atomic
@@ -37,7 +39,8 @@ from harness.train import steps_per_epoch, train
 from harness import checkpoint, integrity, merge
 from harness import spec as spec_mod
 from harness.interrupt import InterruptGuard, TrainingStopped
-from harness.paths import check_dataset_root, remove_stale_temps
+from harness.paths import (WriteFailed, check_dataset_root, check_writable, inside, locked, remove_stale_temps,
+                           report_lock)
 
 
 @dataclass(frozen=True)
@@ -260,29 +263,40 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         history = train(model, defense, data, cfg, device, spec["seed"], on_step=lambda: progress.advance(task),
                         runtime=runtime, resume=resume, on_checkpoint=save, should_stop=stop)
     except TrainingStopped as exc:
+        if runtime is not None and runtime.distributed is not None:
+            runtime.distributed.barrier()  # no rank exits before rank 0 has written the checkpoint
         raise guard.interrupted(f"cell {cell.id} stopped after step {exc.step} of epoch {exc.epoch}; "
                                 f"checkpoint written to {ckpt_path}") from None
     progress.update(task, visible=False)
     if runtime is not None and runtime.distributed is not None and not runtime.distributed.is_main:
         return None  # rank 0 evaluates and writes
 
+    evaluating, checking, analysing = (phase_check(cell, phase, guard, ckpt_path, progress.console)
+                                       for phase in ("evaluating", "running the sanity checks", "analysing"))
+
     def on_eval_batch() -> None:
         progress.advance(task)
-        if guard is not None and guard.requested():
-            raise guard.interrupted(f"cell {cell.id} stopped while evaluating; its trained state is in {ckpt_path}")
+        evaluating()
 
     eval_bs = spec["evaluation"]["batch_size"]
     eval_batches = sum((len(s) + eval_bs - 1) // eval_bs for s in (data.train, data.test, *([data.test] * len(attacks))))
     task = progress.add_task(f"evaluate {cell.id}", total=eval_batches)
     timings: dict = {"train": sum(h["seconds"] for h in history)}
+    evaluating()
     evaluated = time.perf_counter()
     with performance.evaluation():  # fp32, and on CUDA without TF32 unless the spec's eval_tf32 asks for it
         metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch,
-                           checks=spec["evaluation"].get("checks"), timings=timings, seed=spec["seed"])
+                           checks=spec["evaluation"].get("checks"), timings=timings,
+                           on_checks_batch=checking, seed=spec["seed"])
         timings["evaluate"] = time.perf_counter() - evaluated
         progress.update(task, visible=False)
         analysed = time.perf_counter()
-        analysis = analyze_cell(model, data, spec, device)  # the paper's section 4 quantities; None when disabled
+        if (spec.get("analysis") or {}).get("enabled", False):
+            analysing()
+        # the paper's section 4 quantities (None when disabled); the stop request is polled after every batch
+        analysis = analyze_cell(model, data, spec, device, on_batch=analysing)
+        if analysis is not None:
+            analysing()  # also after the spectral norms, the last step of the analysis
     if analysis is not None:
         timings["analysis"] = time.perf_counter() - analysed
     result = {
@@ -304,13 +318,78 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     return result
 
 
+def phase_check(cell: Cell, phase: str, guard: InterruptGuard | None, ckpt_path: Path | None,
+                console: Console) -> Callable[[], None]:
+    """The stop check of one phase after a cell's training (evaluating, the sanity checks, the analysis): called
+    at the phase's start and after each of its batches, it raises Interrupted once a signal came. A signal is
+    thus honoured within one batch: one attack call on at most `evaluation.batch_size` samples (an attack plugin
+    cannot be stopped inside its call). The cell's final training checkpoint is already written, so resuming
+    only re-evaluates. Output that is not a terminal (a log file) gets one line as each phase starts, since it
+    shows no progress bars."""
+    started = False
+
+    def check() -> None:
+        nonlocal started
+        if guard is not None and guard.requested():
+            raise guard.interrupted(f"cell {cell.id} stopped while {phase}; its trained state is in {ckpt_path}")
+        if not started:  # announced after the check: a signal sent on seeing the line is honoured by a batch's poll
+            started = True
+            if not console.is_terminal:
+                console.print(f"cell {cell.id}: {phase}", highlight=False, markup=False)
+
+    return check
+
+
+@contextlib.contextmanager
+def cell_lock(out_dir: Path, cell: Cell, console: Console, guard: InterruptGuard, distributed) -> Iterator[None]:
+    """Hold cell's lock (out_dir/.locks/<id>.lock) while it runs, so that two jobs never train one cell: the second
+    says so and waits (honouring SIGINT/SIGTERM while it waits), then takes the cell as the first left it. Under
+    torchrun, rank 0 holds it for the job and the other ranks wait at a barrier."""
+    if distributed is not None and not distributed.is_main:
+        distributed.barrier()
+        yield
+        return
+    path = inside(out_dir / ".locks", cell.id + ".lock", where=f"cell {cell.id!r}")
+
+    def waiting(holder: str) -> None:
+        console.print(f"cell {cell.id}: another job (pid {holder}) is running it; waiting for it to finish "
+                      f"({path})", markup=False, highlight=False, soft_wrap=True)
+
+    def poll() -> None:
+        if guard.requested():
+            raise guard.interrupted(f"stopped while waiting for cell {cell.id}, which another job is running")
+
+    with locked(path, on_wait=waiting, poll=poll) as waited:
+        if distributed is not None:
+            distributed.barrier()
+        if waited:
+            console.print(f"cell {cell.id}: the other job is done with it", markup=False, highlight=False)
+        yield
+
+
+@contextlib.contextmanager
+def saying_last_good_checkpoint(cell: Cell, ckpt_path: Path) -> Iterator[None]:
+    """A WriteFailed (full or read-only disk) while running `cell` names the cell's last good checkpoint."""
+    try:
+        yield
+    except WriteFailed as exc:
+        try:
+            state = checkpoint.load(ckpt_path, mmap=True) if ckpt_path.exists() else None
+        except HarnessError:
+            state = None
+        if state is None:
+            raise exc.add_context(f"cell {cell.id} has no checkpoint yet (no good one to lose)")
+        raise exc.add_context(f"the last good checkpoint is {ckpt_path} (cell {cell.id}, epoch {state['epoch']}, "
+                              f"step {state['step']}): the same command resumes from it")
+
+
 def make_progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=console, transient=True)
 
 
 def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cell_ids: list[str] | None = None,
-        fresh: bool = False, force: bool = False) -> dict | None:
+        fresh: bool = False, force: bool = False, on_report: Callable[[dict], None] | None = None) -> dict | None:
     """Run every cell of a validated spec (or those of `cell_ids`); write cells/<id>.json and report.json under
     out_dir; return the report.
 
@@ -318,6 +397,10 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
     (harness.checkpoint.plan_resume; `fresh` starts over, `force` resumes despite training-relevant changes).
     The report holds this run's cells and every other cell file of the same spec in out_dir/cells/ (separate
     `--cell` jobs merge). Under torchrun, only rank 0 evaluates and writes; the other ranks return None.
+    `on_report(report)` is called while report.json is still locked (the CLI writes the figures there).
+
+    Several jobs may share out_dir: a cell is run by one job at a time (`cell_lock`; a second job on the same
+    cell waits, then keeps or resumes what the first left), and report.json is rebuilt under a lock.
     """
     smoke_overrides: list[dict] = []
     if smoke:
@@ -325,6 +408,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
     else:
         check_dataset_root(spec)  # smoke mode replaces a missing dataset by stand-in data instead
     selected = select(plan(spec), cell_ids)
+    check_writable(out_dir)  # a read-only or full --out is refused before anything is trained
     device = pick_device(spec["device"])
     distributed = Distributed.from_env()
     if distributed is not None:
@@ -363,12 +447,19 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
     if data.stand_in:
         console.print("[yellow]stand-in data: synthetic images replace the real dataset; numbers are not results[/yellow]")
     cells = []
-    with make_progress(console) as progress, InterruptGuard() as guard:
+    with make_progress(console) as progress, InterruptGuard(hold_after_stop=distributed is not None) as guard, \
+            contextlib.ExitStack() as held:
         stop = runtime.stop_check(guard)
         for cell in selected:
             result_path, ckpt_path = checkpoint.cell_paths(out_dir, cell.id)
             if stop():
                 raise guard.interrupted(f"stopped before cell {cell.id}")
+            held.close()  # one cell lock at a time, taken in plan order: jobs never wait for each other in a cycle
+            held.enter_context(cell_lock(out_dir, cell, console, guard, distributed))
+            # decided again under the lock: another job may have finished (or started) this cell since the plan
+            decisions[cell.id] = checkpoint.plan_resume(spec, [cell], out_dir, fresh=False, force=force,
+                                                        performance=per_cell, notes=[])[cell.id]
+            held.enter_context(saying_last_good_checkpoint(cell, ckpt_path))
             if decisions[cell.id] == "skip":
                 try:  # verified again: the file may have changed since the run was planned
                     kept = integrity.read_cell(result_path)
@@ -382,6 +473,8 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                 console.print(f"cell {cell.id}: resuming from {ckpt_path}")
             try:
                 result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard, force=force)
+            except WriteFailed:
+                raise  # a full or read-only disk stops the run (exit 1): no later cell could be saved either
             except RunFailure as exc:
                 console.print(f"[red]cell {cell.id} failed:[/red] {exc}")
                 result = {"id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
@@ -411,12 +504,17 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
             return None
     env = dict(environment(device), performance=performance.describe(),
                world_size=distributed.world_size if distributed is not None else 1)
-    notes = []
-    others = collect_cells(out_dir, spec, notes)
-    for note in notes:
-        console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
-    report = report_document(spec, data, env, merge_cells(others, cells, spec), smoke=smoke,
-                             **({"smoke_overrides": smoke_overrides} if smoke else {}))
-    validate_report(report)
-    write_json_atomic(out_dir / "report.json", report)
+    # One job at a time rebuilds report.json, from the cell files as they are while it holds the lock: a job whose
+    # cell finished meanwhile waits and rebuilds after it, so no job's write drops another job's cell.
+    with locked(report_lock(out_dir)):
+        notes = []
+        others = collect_cells(out_dir, spec, notes)
+        for note in notes:
+            console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
+        report = report_document(spec, data, env, merge_cells(others, cells, spec), smoke=smoke,
+                                 **({"smoke_overrides": smoke_overrides} if smoke else {}))
+        validate_report(report)
+        write_json_atomic(out_dir / "report.json", report)
+        if on_report is not None:
+            on_report(report)  # the figures, under the same lock: drawn from the report.json just written
     return report
