@@ -148,6 +148,15 @@ def _size_of(write: Callable[[BinaryIO], None]) -> int | None:
     return sink.size
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: set it back at once (at import, one thread)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write` on a temporary file beside `path`, fsync it and rename it into place: a reader (or a crash)
     never sees half a file, and an existing file is replaced only by a complete one.
@@ -160,6 +169,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; the file gets the mode a plain open() would give it
+            os.fchmod(fd, 0o666 & ~_UMASK)
         _lock_temp(fd)  # held until the rename: remove_stale_temps never takes a file being written
         with os.fdopen(fd, "wb") as fh:
             sink = _CountingSink(fh)
