@@ -55,16 +55,6 @@ def test_pgd_adversary_leaves_the_model_untouched(digits_setup):
         assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
 
 
-def test_power_iteration_advances_once_per_training_step(digits_setup):
-    spec, data, model = digits_setup
-    layer = normalized_layers(model)[0][1]
-    u0 = layer.parametrizations.weight[0]._u.clone()
-    cfg = dict(spec["training"], epochs=1, batch_size=256, max_batches=1)
-    train(model, registry.load("defense", "pgd-at")(eps=to_unit(16), steps=3, step_size=8.0), data, cfg,
-          torch.device("cpu"), seed=0)
-    assert not torch.equal(u0, layer.parametrizations.weight[0]._u)
-
-
 def test_adversarial_accuracy_counts_misclassified_as_wrong(digits_setup):
     _, data, model = digits_setup  # untrained: most samples misclassified
     attack = registry.load("attack", "foolbox-pgd")(eps=to_unit(32), steps=3, step_size=16.0)
