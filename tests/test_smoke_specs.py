@@ -104,20 +104,3 @@ def test_reference_data_matches_the_schema_and_the_specs():
                 entry = blocks[model["paper_block"]]
                 assert spec["defense"]["strengths"] == entry["strengths"], name
                 assert spec["dataset"]["name"] == entry["dataset"], name
-
-
-@pytest.mark.parametrize("name, batch, epochs, lr, schedule, train_pgd, eval_pgd", [
-    ("mnist_lenet", 256, 160, 0.1, {"type": "multistep", "milestones": [80, 120], "gamma": 0.01}, (40, 2.55), (76.5, 10, 2.55)),
-    ("cifar10_vgg16", 512, 160, 0.05, {"type": "step", "step_size": 30, "gamma": 0.5}, (10, 2), (8, 10, 2)),
-    ("cifar100_vgg19", 512, 160, 0.05, {"type": "step", "step_size": 30, "gamma": 0.5}, (10, 2), (8, 10, 2)),
-    ("tinyimagenet_wrn50", 256, 90, 0.1, {"type": "multistep", "milestones": [30, 60], "gamma": 0.1}, (10, 2), (8, 10, 2)),
-])
-def test_specs_carry_the_appendix_hyperparameters(name, batch, epochs, lr, schedule, train_pgd, eval_pgd):
-    spec = spec_mod.load(REPO / "specs" / f"{name}.json")
-    t = spec["training"]
-    assert (t["batch_size"], t["epochs"], t["lr"], t["schedule"]) == (batch, epochs, lr, schedule)
-    assert (t["momentum"], t["weight_decay"]) == (0.9, 0)
-    d = spec["defense"]["options"]
-    assert (d["steps"], d["step_size"], d["random_start"]) == (*train_pgd, True)
-    a = spec["evaluation"]["attacks"][0]
-    assert (a["eps"], a["options"]["steps"], a["options"]["step_size"]) == eval_pgd
