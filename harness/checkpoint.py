@@ -190,11 +190,11 @@ def load(path: Path, *, mmap: bool = False) -> dict:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BadInput(f"checkpoint {path} cannot be read: {type(exc).__name__}: {reason[:300]}", fix=fix) from exc
     if not isinstance(state, dict):
-        raise integrity.Unusable(f"it holds a {type(state).__name__}, not a checkpoint")
+        raise integrity.Unusable(path, f"it holds a {type(state).__name__}, not a checkpoint")
     integrity.verify(state, integrity.state_checksum(state), path, "checkpoint", "trained again from the start")
     problem = _invalid(state)
     if problem:
-        raise integrity.Unusable(f"it is not a harness checkpoint of format {FORMAT}: {problem}")
+        raise integrity.Unusable(path, f"it is not a harness checkpoint of format {FORMAT}: {problem}")
     return state
 
 
@@ -312,7 +312,7 @@ def plan_resume(spec: dict, cells: list, out_dir: Path, *, fresh: bool, force: b
         except integrity.Unusable as exc:
             finished = None
             if notes is not None:
-                notes.append(f"cell {cell.id}: ignoring {result_path}: {exc}; the cell is re-evaluated "
+                notes.append(f"cell {cell.id}: ignoring {result_path}: {exc.reason}; the cell is re-evaluated "
                              "(or trained, without a usable checkpoint)")
         if finished is not None:
             decisions[cell.id] = "skip"

@@ -37,8 +37,14 @@ KEY = "checksum"
 PREFIX = "sha256:"
 
 
-class Unusable(Exception):
-    """A file that parses but is not a checkpoint or cell result of this harness: treat it as missing."""
+class Unusable(BadInput):
+    """A file that parses but is not a checkpoint or cell result of this harness: callers treat it as missing and
+    say why (`reason`). Where none catches it, it is BadInput (exit 2) naming the file, never a traceback."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is not a file of this harness: {reason}",
+                         fix=f"delete {path} (that cell is then trained or evaluated again) or run again with --fresh")
+        self.reason = reason
 
 
 # ------------------------------------------------------------------------------------- checksums
@@ -119,13 +125,13 @@ def read_cell(path: Path) -> dict | None:
     try:
         cell = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except ValueError as exc:  # not UTF-8, not JSON, NaN/Infinity
-        raise Unusable(f"it is not JSON ({str(exc).splitlines()[0][:120]})") from exc
+        raise Unusable(path, f"it is not JSON ({str(exc).splitlines()[0][:120]})") from exc
     if not isinstance(cell, dict):
-        raise Unusable(f"it holds a JSON {type(cell).__name__}, not an object")
+        raise Unusable(path, f"it holds a JSON {type(cell).__name__}, not an object")
     verify(cell, json_checksum(cell), path, "cell result", CELL_REDO)
     errors = cell_errors(cell)
     if errors:
-        raise Unusable("it does not match the report schema's cell: " + "; ".join(errors[:3]))
+        raise Unusable(path, "it does not match the report schema's cell: " + "; ".join(errors[:3]))
     return cell
 
 

@@ -56,7 +56,7 @@ def _read_cell(path: Path) -> dict:
     try:
         cell = integrity.read_cell(path)
     except integrity.Unusable as exc:
-        raise BadInput(f"{path} is not a cell result of harness: {exc}",
+        raise BadInput(f"{path} is not a cell result of harness: {exc.reason}",
                        fix="remove the file from the cells/ folder or pass another folder") from exc
     if cell is None:
         raise BadInput(f"cell file {path} disappeared while it was read", fix="run the command again")

@@ -94,7 +94,7 @@ def collect_cells(out_dir: Path, spec: dict, notes: list[str] | None = None) -> 
             cell = integrity.read_cell(path)
         except integrity.Unusable as exc:
             if notes is not None and path.stem in order:
-                notes.append(f"left out {path}: {exc}")
+                notes.append(f"left out {path}: {exc.reason}")
             continue
         if isinstance(cell, dict) and cell.get("spec_digest") == digest and cell.get("id") in order:
             found.append(cell)
@@ -248,7 +248,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         try:
             resume = checkpoint.load(ckpt_path)
         except integrity.Unusable as exc:  # not a checkpoint of this harness: as if there were none
-            progress.console.print(f"cell {cell.id}: ignoring {ckpt_path}: {exc}; training from the start",
+            progress.console.print(f"cell {cell.id}: ignoring {ckpt_path}: {exc.reason}; training from the start",
                                    style="yellow", markup=False, highlight=False, soft_wrap=True)
         else:  # checked again here: the file may have appeared since the run was planned
             checkpoint.check_resumable(resume, view, ckpt_path, cell.id, force=force)
