@@ -18,6 +18,7 @@ from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from harness.spectral import apply_spectral_norm
@@ -37,6 +38,19 @@ PGD_OPTIONS = {
                   "default": 2.0},
     "random_start": {"description": "Start from a uniform random point in the eps-ball.", "type": "boolean",
                      "default": True},
+}
+
+
+# The defenses' option for batch norm while their training adversaries are crafted (adversary_mode's `batch_norm`).
+ATTACK_BN_OPTION = {
+    "attack_bn": {
+        "description": "Batch norm while the training adversary is crafted. eval (default, as MadryLab robustness "
+                       "and TRADES): running statistics, i.e. the attack maximizes the loss of the network as it is "
+                       "evaluated. train (as Madry et al.'s original TensorFlow code): the batch's own statistics, "
+                       "as the training step then uses them; running statistics are never updated while crafting "
+                       "and the spectral-norm power iteration never advances. No effect on a model without batch "
+                       "norm (LeNet, VGG).",
+        "enum": ["eval", "train"], "default": "eval"},
 }
 
 
@@ -145,7 +159,8 @@ class DefensePlugin(Plugin):
     """Turns a training batch into the training loss, at a defensive strength `eps` (in [0, 1] units).
 
     The model is in train mode when `loss` is called; the harness calls backward on the result. To compute an
-    adversary inside `loss`, wrap the attack in `adversary_mode(model)`.
+    adversary inside `loss`, wrap the attack in `adversary_mode(model)` (or `adversary_mode(model, "train")` to
+    craft against batch-norm batch statistics: the built-in defenses' `attack_bn` option, ATTACK_BN_OPTION).
     """
 
     def __init__(self, eps: float, **options):
@@ -184,30 +199,50 @@ class AttackPlugin(Plugin):
 
 ADVERSARY_POLICY = (
     "while an adversary is computed: parameters frozen (requires_grad=False, so .grad stays clean), "
-    "model in eval mode (batch-norm running statistics, no spectral-norm power iteration), and "
-    "parametrized weights computed once per batch (torch.nn.utils.parametrize.cached)"
+    "model in eval mode (no spectral-norm power iteration, batch-norm running statistics), and "
+    "parametrized weights computed once per batch (torch.nn.utils.parametrize.cached); a defense's "
+    "training adversaries with attack_bn \"train\" (its resolved options say which) use each batch's own "
+    "batch-norm statistics instead, without updating the running statistics"
 )
+
+BATCH_NORM_MODES = ("eval", "train")
 
 
 @contextmanager
-def adversary_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Freeze the model while an adversary is computed, then restore it exactly.
+def adversary_mode(model: nn.Module, batch_norm: str = "eval") -> Iterator[nn.Module]:
+    """Freeze the model while an adversary is computed, then restore it exactly (every module's mode included).
 
     Libraries' attacks call `loss.backward()`, which would also fill the parameters' .grad; frozen parameters
     keep it clean and skip the weight-gradient work. Eval mode stops the spectral-norm power iteration (it
     advances only in training mode: one iteration per training step, as in Miyato et al.) and keeps batch-norm
     statistics from being updated by intermediate adversaries (advertorch's own `ctx_noparamgrad_and_eval`
     does the same). `parametrize.cached()` computes each normalized weight once for all attack steps.
+
+    `batch_norm="train"` (a defense's `attack_bn` option) puts only the batch-norm layers in training mode, so
+    that they normalize with the batch's own statistics, as the training step's forward pass will; with
+    `track_running_stats` off meanwhile, torch's (and timm's) batch norm neither updates its running statistics
+    nor counts the batch (num_batches_tracked). Everything else, the spectral-norm parametrizations included,
+    stays in eval mode: the power iteration does not advance, and dropout stays off.
     """
-    was_training = model.training
+    if batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, not {batch_norm!r}")
+    modes = [(m, m.training) for m in model.modules()]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     model.eval()
+    batch_stats = [m for m in model.modules() if isinstance(m, _BatchNorm)] if batch_norm == "train" else []
+    tracked = [(m, m.track_running_stats) for m in batch_stats]
+    for m in batch_stats:
+        m.train()
+        m.track_running_stats = False  # batch statistics, running ones untouched (see _BatchNorm.forward)
     try:
         with parametrize.cached():
             yield model
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        model.train(was_training)
+        for m, value in tracked:
+            m.track_running_stats = value
+        for m, training in modes:
+            m.training = training

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.compat import import_advertorch
-from harness.plugin import DefensePlugin, PGDSettings, adversary_mode
+from harness.plugin import ATTACK_BN_OPTION, PGD_OPTIONS, DefensePlugin, PGDSettings, adversary_mode
 
 
 class NoDefense(DefensePlugin):
@@ -20,11 +20,18 @@ class NoDefense(DefensePlugin):
 class PGDAdversarialTraining(PGDSettings, DefensePlugin):
     """Linf PGD adversarial training through advertorch: every clean image replaced by its adversary (paper A.3)."""
 
+    options_schema = {"type": "object", "additionalProperties": False,
+                      "properties": {**PGD_OPTIONS, **ATTACK_BN_OPTION}}
+
+    def __init__(self, eps: float, attack_bn: str = "eval", **pgd):
+        super().__init__(eps, **pgd)
+        self.attack_bn = attack_bn
+
     def adversary(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         attacks = import_advertorch()
         pgd = attacks.LinfPGDAttack(model, eps=self.eps, nb_iter=self.steps, eps_iter=self.step_size,
                                     rand_init=self.random_start, clip_min=0.0, clip_max=1.0)
-        with adversary_mode(model):
+        with adversary_mode(model, self.attack_bn):
             return pgd.perturb(x, y).detach()
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.compat import import_advertorch
-from harness.plugin import DefensePlugin, adversary_mode, to_unit
+from harness.plugin import ATTACK_BN_OPTION, DefensePlugin, adversary_mode, to_unit
 
 
 def _perturb_iterative():
@@ -40,16 +40,18 @@ class TRADES(DefensePlugin):
                       "default": 10},
             "step_size": {"description": "Step size of the inner maximization, 0-255 scale.", "type": "number",
                           "exclusiveMinimum": 0, "default": 2.0},
+            **ATTACK_BN_OPTION,
         },
     }
 
-    def __init__(self, eps: float, beta: float = 6.0, steps: int = 10, step_size: float = 2.0):
+    def __init__(self, eps: float, beta: float = 6.0, steps: int = 10, step_size: float = 2.0,
+                 attack_bn: str = "eval"):
         super().__init__(eps)
-        self.beta, self.steps, self.step_size = beta, steps, to_unit(step_size)
+        self.beta, self.steps, self.step_size, self.attack_bn = beta, steps, to_unit(step_size), attack_bn
 
     def adversary(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         perturb_iterative = _perturb_iterative()
-        with adversary_mode(model):
+        with adversary_mode(model, self.attack_bn):
             with torch.no_grad():
                 p_natural = F.softmax(model(x), dim=1)
             delta = 0.001 * torch.randn_like(x)
@@ -77,18 +79,19 @@ class FGSMRandomStart(DefensePlugin):
             "step_factor": {"description": "FGSM step as a multiple of eps (alpha = step_factor * eps); the "
                                            "paper's 1.25 avoids catastrophic overfitting at 8/255.",
                             "type": "number", "exclusiveMinimum": 0, "default": 1.25},
+            **ATTACK_BN_OPTION,
         },
     }
 
-    def __init__(self, eps: float, step_factor: float = 1.25):
+    def __init__(self, eps: float, step_factor: float = 1.25, attack_bn: str = "eval"):
         super().__init__(eps)
-        self.step_factor = step_factor
+        self.step_factor, self.attack_bn = step_factor, attack_bn
 
     def adversary(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         perturb_iterative = _perturb_iterative()
         delta = torch.empty_like(x).uniform_(-self.eps, self.eps)
         delta = (x + delta).clamp(0.0, 1.0) - x  # the start inside the image domain, as Wong et al. clamp it
-        with adversary_mode(model):
+        with adversary_mode(model, self.attack_bn):
             x_adv = perturb_iterative(x, y, model, nb_iter=1, eps=self.eps, eps_iter=self.step_factor * self.eps,
                                       loss_fn=nn.CrossEntropyLoss(reduction="sum"), delta_init=delta,
                                       clip_min=0.0, clip_max=1.0)

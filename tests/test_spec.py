@@ -20,7 +20,7 @@ def test_valid_spec_resolves_defaults(tiny_spec):
     assert resolved["models"][0]["label"] == "lenet"
     assert resolved["evaluation"]["attacks"][0]["label"] == "foolbox-pgd@32"
     # plugin defaults are filled from the plugin's own schema
-    assert resolved["defense"]["options"] == {"steps": 2, "step_size": 16, "random_start": True}
+    assert resolved["defense"]["options"] == {"steps": 2, "step_size": 16, "random_start": True, "attack_bn": "eval"}
     assert resolved["dataset"]["options"]["test_fraction"] == 0.2
     assert "label" not in tiny_spec["models"][0], "validation must not mutate its input"
 
