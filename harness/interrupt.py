@@ -9,13 +9,31 @@ Exit codes follow the shell's convention: 130 for SIGINT, 143 for SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+from typing import Iterator
 
 from harness.errors import HarnessError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_also: tuple[int, ...] = ()  # extra stop signals while `also_stop_on` is active
+
+
+@contextlib.contextmanager
+def also_stop_on(*signums: int) -> Iterator[None]:
+    """Guards entered inside this block also turn these signals into a stop request (exit 128+signal).
+
+    harness.submit adds submitit's preemption/timeout signal (SIGUSR2): the cell's checkpoint is then written at a
+    step boundary before submitit requeues the job. A plain `harness run` never enters this block."""
+    global _also
+    saved = _also
+    _also = saved + tuple(s for s in signums if s not in SIGNALS + saved)
+    try:
+        yield
+    finally:
+        _also = saved
 
 
 class Interrupted(HarnessError):
@@ -41,7 +59,7 @@ class InterruptGuard:
 
     def __enter__(self) -> "InterruptGuard":
         if threading.current_thread() is threading.main_thread():  # signal.signal only works there
-            for sig in SIGNALS:
+            for sig in SIGNALS + _also:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
