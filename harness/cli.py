@@ -77,7 +77,6 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
 
     from harness import spec as spec_mod
     from harness.interrupt import Interrupted
-    from harness.paths import inside
     from harness.report import render_table
     from harness.runner import run as run_spec
 
@@ -86,8 +85,7 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
         spec["dataset"]["root"] = str(data_root)
     if seed is not None:
         spec["seed"] = seed
-    default_name = spec["name"] + (f"-seed{seed}" if seed is not None else "") + ("-smoke" if smoke else "")
-    out_dir = out_dir or inside(Path("reports"), default_name, where="$.name")
+    out_dir = out_dir or default_out(spec, seed, smoke)
     from harness.figures import write_figures
 
     figures: list[Path] = []  # drawn by the run while it holds report.json's lock, from the report it wrote
@@ -114,6 +112,14 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
         err_console.print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)} (see report.json)",
                           style="red", markup=False)
         sys.exit(1)
+
+
+def default_out(spec: dict, seed: int | None, smoke: bool) -> Path:
+    """`harness run`'s (and `harness submit`'s) output folder when --out is not given."""
+    from harness.paths import inside
+
+    name = spec["name"] + (f"-seed{seed}" if seed is not None else "") + ("-smoke" if smoke else "")
+    return inside(Path("reports"), name, where="$.name")
 
 
 @cli.command("eval")
@@ -277,6 +283,86 @@ def selftest(device_choice: str, out_dir: Path | None) -> None:
         raise RunFailure(f"{len(failed)} selftest check(s) failed: {', '.join(failed)}",
                          fix="see the table and selftest.json; results computed on this machine are not to be "
                              "trusted until every check passes")
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Output folder, as for `harness run` (default: reports/<spec name>/).")
+@click.option("--executor", type=click.Choice(["slurm", "local"]),
+              help="slurm (default): one Slurm array job per unfinished cell; local: the same jobs as processes on "
+                   "this machine, in the foreground.")
+@click.option("--cell", "cell_ids", multiple=True, metavar="ID",
+              help="Submit only this cell (repeatable); a named cell is submitted even if it failed before.")
+@click.option("--partition", help="Slurm partition.")
+@click.option("--account", help="Slurm account.")
+@click.option("--qos", help="Slurm quality of service.")
+@click.option("--time", "time_limit", metavar="TIME", help="Time limit of each job: minutes or Slurm's "
+              "[D-]HH:MM:SS (Slurm default 24:00:00; local: none). A longer cell is requeued from its checkpoint.")
+@click.option("--gpus-per-cell", type=int, help="GPUs per cell (default 0); N > 1 trains the cell with DDP, one "
+              "process per GPU.")
+@click.option("--cpus-per-cell", type=int, help="CPUs per cell (divided over its processes).")
+@click.option("--mem", help="Memory per cell, as Slurm's --mem (32G).")
+@click.option("--array-parallelism", type=int, help="Most cells running at once (local default: one per free GPU "
+              "slot, 1 without GPUs).")
+@click.option("--constraint", help="Slurm node constraint.")
+@click.option("--slurm-option", "slurm_options", multiple=True, metavar="KEY=VALUE",
+              help="Any further sbatch option (repeatable), e.g. --slurm-option mail-user=me@lab.org.")
+@click.option("--executor-config", type=click.Path(path_type=Path, dir_okay=False),
+              help="A JSON file of these options (harness/schemas/executor.schema.json); the command line overrides it.")
+@click.option("--data-root", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder holding the datasets, as for `harness run`.")
+@click.option("--smoke", is_flag=True, help="Submit the smoke version of SPEC, as `harness run --smoke`.")
+@click.option("--seed", type=click.IntRange(min=0), help="Run with this seed, as `harness run --seed`.")
+@click.option("--dry-run", is_flag=True, help="Print what would be submitted; submit nothing.")
+def submit(spec_path: Path, out_dir: Path | None, executor: str | None, cell_ids: tuple[str, ...],
+           partition: str | None, account: str | None, qos: str | None, time_limit: str | None,
+           gpus_per_cell: int | None, cpus_per_cell: int | None, mem: str | None, array_parallelism: int | None,
+           constraint: str | None, slurm_options: tuple[str, ...], executor_config: Path | None,
+           data_root: Path | None, smoke: bool, seed: int | None, dry_run: bool) -> None:
+    """Run SPEC's unfinished cells as jobs of a Slurm cluster (or of this machine), through submitit.
+
+    Each job runs `harness run SPEC --out DIR --cell ID`. A job that reaches its time limit or is preempted
+    writes its checkpoint at the next step boundary and is requeued; the requeued job resumes exactly. A cell
+    that fails is not requeued and is not submitted again unless named with --cell. `harness status DIR` shows
+    where every cell stands.
+    """
+    from harness import spec as spec_mod
+    from harness import submit as submit_mod
+
+    given = {"executor": executor, "partition": partition, "account": account, "qos": qos,
+             "time": int(time_limit) if time_limit and time_limit.isdigit() else time_limit,
+             "gpus_per_cell": gpus_per_cell, "cpus_per_cell": cpus_per_cell, "mem": mem,
+             "array_parallelism": array_parallelism, "constraint": constraint,
+             "slurm_options": submit_mod.parse_slurm_options(slurm_options)}
+    options = submit_mod.read_options(executor_config, given)
+    spec = spec_mod.load(spec_path)
+    out_dir = out_dir or default_out(spec, seed, smoke)
+    code = submit_mod.submit(spec_path, spec, out_dir, options, cell_ids=list(cell_ids), data_root=data_root,
+                             smoke=smoke, seed=seed, dry_run=dry_run, console=console)
+    sys.exit(code)
+
+
+@cli.command("status")
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--watch", is_flag=True, help="Redraw every --interval seconds until no cell is queued or running.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=30, show_default=True,
+              help="Seconds between redraws with --watch.")
+def status_command(out_dir: Path, watch: bool, interval: float) -> None:
+    """Where each cell of a sweep stands (done, running, queued, failed, interrupted, not started), from the files
+    in DIR alone; the last line counts them and gives the command that submits what is missing."""
+    import time
+
+    from harness import status as status_mod
+
+    while True:
+        states = status_mod.status(out_dir)
+        if watch and console.is_terminal:
+            console.clear()
+        status_mod.render(states, console, out_dir)
+        if not watch or not status_mod.active(states):
+            return
+        time.sleep(interval)
 
 
 @cli.command()
