@@ -50,8 +50,12 @@ def summarize(paths: list[Path]) -> tuple[dict, list[str]]:
             problems.append(f"{where} and {seen[seed]} both ran seed {seed}")
         seen.setdefault(seed, where)
         diffs = [d for d in merge.differences(first["spec"], report["spec"]) if d != "seed"]
+        diffs += merge.performance_changes(first.get("environment", {}).get("performance"),
+                                           report.get("environment", {}).get("performance"))
         if diffs:
             problems.append(f"{where} differs from {first_path} in: {', '.join(diffs)}")
+    # a cell's seeds must also agree on precision and TF32 (a bf16 seed beside fp32 ones is another experiment)
+    problems += merge.performance_within_models([(c, where) for report, where in runs for c in report["cells"]])
     if problems:
         raise BadInput("these reports are not seeds of one experiment:\n  " + "\n  ".join(problems),
                        fix="pass one output folder per seed of the same spec (`harness run SPEC --seed N`)")

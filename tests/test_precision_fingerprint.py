@@ -110,6 +110,13 @@ def test_report_does_not_merge_runs_of_different_precisions(spec, write_spec, tm
     assert "model lenet: cell lenet__s0" in refused.output and 'performance.precision: "fp32" -> "bf16"' in \
         refused.output
 
+    # seeds of one experiment: a bf16 seed beside an fp32 one is refused too
+    seed1 = dict(spec, seed=1, defense=dict(spec["defense"], strengths=[0]), performance={"precision": "bf16"})
+    assert invoke("run", write_spec(seed1, "seed1.json"), "--out", tmp_path / "seed1").exit_code == 0
+    refused = invoke("report", "--across-seeds", runs["fp32"], tmp_path / "seed1")
+    assert refused.exit_code == 2, refused.output
+    assert 'performance.precision: "fp32" -> "bf16"' in refused.output
+
     same = tmp_path / "fp32_again"  # the same precision merges as before
     one = dict(spec, defense=dict(spec["defense"], strengths=[16]))
     assert invoke("run", write_spec(one, "again.json"), "--out", same).exit_code == 0
