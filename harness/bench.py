@@ -201,9 +201,10 @@ def bench_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, p
     m = len(eval_split)
 
     def eval_once():
-        clean_pass(model, eval_split, data, m, device)
-        adversarial_correct(model, attack, first["label"], eval_split, torch.ones(m, dtype=torch.bool), data, m,
-                            device)
+        with performance.evaluation():  # as harness.runner evaluates: on CUDA without TF32 unless eval_tf32
+            clean_pass(model, eval_split, data, m, device)
+            adversarial_correct(model, attack, first["label"], eval_split, torch.ones(m, dtype=torch.bool), data, m,
+                                device)
 
     eval_times = []
     for round_ in range(warmup + repeats):
