@@ -32,6 +32,12 @@ class RunFailure(HarnessError):
     exit_code = 1
 
 
+class PluginFailure(RunFailure):
+    """A plugin's own code raised (an exception that is not a HarnessError) while the harness called it: building,
+    loading, a defense's loss, an attack's perturb. Exit code 1; the message names the plugin, the distribution
+    that provides it and the cause (harness.registry.plugin_boundary)."""
+
+
 class DatasetNotFound(BadInput):
     """A dataset plugin found no data where it looked (exit 2). Smoke runs replace such data by a stand-in when
     the plugin offers one (`stand_in(train_size, test_size, seed)`)."""

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import registry
 from harness.data import batches
 from harness.errors import RunFailure
 from harness.plugin import AttackPlugin, DataSplits, Split, adversary_mode
@@ -117,7 +118,8 @@ def attacked_batches(model: nn.Module, perturb: Callable, label: str, eps: float
         mask = clean_correct[offset:offset + n].to(device)
         if mask.any():
             xs, ys = x[mask], y[mask]
-            with adversary_mode(model):
+            with adversary_mode(model), registry.blame(getattr(perturb, "__self__", perturb),
+                                                        getattr(perturb, "__name__", "perturb")):
                 x_adv = perturb(model, xs, ys)
             check_adversary(label, xs, x_adv, eps)
             yield torch.nonzero(mask.cpu()).squeeze(1) + offset, xs, ys, x_adv

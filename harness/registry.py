@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from typing import Callable, Iterator
 
-from harness.errors import BadInput
+from harness.errors import BadInput, HarnessError, PluginFailure
 
 KINDS = ("model", "dataset", "defense", "attack")
 GROUPS = {kind: f"harness.{kind}s" for kind in KINDS}
@@ -144,6 +148,65 @@ def _load_variant(kind: str, name: str, base: str, suffix: str):
     plugin = make(suffix)  # may raise BadInput (an unknown variant), which reaches the user as it is
     _LOADED[(kind, name)] = plugin
     return plugin
+
+
+def owner(obj: object) -> tuple[str, str] | None:
+    """(kind, name) of the loaded plugin that `obj` is (a plugin class or function) or is an instance of."""
+    for key, plugin in _LOADED.items():
+        if obj is plugin or type(obj) is plugin:
+            return key
+    return None
+
+
+def describe(kind: str, name: str) -> tuple[str, str]:
+    """'<kind> plugin <name> (<target>, from <distribution> <version>)' and the distribution, for messages."""
+    try:
+        info = resolve(kind, name)
+    except (BadInput, ValueError):  # not registered (a caller's own instance): named without a distribution
+        return f"{kind} {name!r}", "the package that provides it"
+    return f"{kind} plugin {name!r} ({info.target}, from {info.provider})", info.distribution
+
+
+@contextmanager
+def plugin_boundary(kind: str, name: str, action: str,
+                    passthrough: Callable[[BaseException], bool] | None = None) -> Iterator[None]:
+    """Where the harness calls a plugin's code (build, load, a defense's loss, an attack's perturb): an exception
+    from it becomes one PluginFailure (exit 1; a failed cell inside a run) naming the plugin, its distribution,
+    the action and the cause with the line that raised it, instead of a bare traceback. A HarnessError (BadInput,
+    DatasetNotFound: the plugin's way to say the input is wrong) passes unchanged, as do KeyboardInterrupt and
+    exceptions `passthrough` accepts (training's numeric errors, which fail the cell with their own message)."""
+    try:
+        yield
+    except HarnessError:
+        raise
+    except Exception as exc:
+        if passthrough is not None and passthrough(exc):
+            raise
+        who, distribution = describe(kind, name)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        cause = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" (raised at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name})" \
+            if frames else ""
+        raise PluginFailure(f"{who} failed in {action}: {cause}{where}",
+                            fix=f"this is an error in {distribution} or in how it is configured: check the "
+                                f"{kind}'s options, report it to its authors, or choose another {kind}") from exc
+
+
+@contextmanager
+def blame(obj: object, action: str, passthrough: Callable[[BaseException], bool] | None = None) -> Iterator[None]:
+    """plugin_boundary for a plugin instance (an attack, a defense): its kind and name looked up from what was loaded."""
+    key = owner(obj)
+    kind, name = key if key is not None else ("plugin", type(obj).__name__)
+    with plugin_boundary(kind, name, action, passthrough):
+        yield
+
+
+def create(kind: str, name: str, **options):
+    """load(kind, name)(**options), the constructor's own exceptions reported as the plugin's (plugin_boundary)."""
+    plugin = load(kind, name)
+    with plugin_boundary(kind, name, "construction"):
+        return plugin(**options)
 
 
 def loaded_plugins() -> list[PluginInfo]:

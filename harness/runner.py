@@ -116,8 +116,7 @@ def cell_performance(performance: Performance, cell: Cell, data: DataSplits) -> 
     resolved precision can take part in resume and merge decisions."""
     if not performance.depends_on_model:
         return performance
-    model = registry.load("model", cell.model["name"])(**cell.model["options"]).build(data.num_classes,
-                                                                                    data.input_shape)
+    model = build_model(cell.model, data.num_classes, data.input_shape)
     return performance.for_model(model, data.input_shape)
 
 
@@ -184,9 +183,10 @@ def environment(device: torch.device) -> dict:
 
 def load_data(spec: dict, smoke: bool = False) -> DataSplits:
     ds = spec["dataset"]
-    plugin = registry.load("dataset", ds["name"])(**ds["options"])
+    plugin = registry.create("dataset", ds["name"], **ds["options"])
     try:
-        data = plugin.load(ds["root"], ds["download"])
+        with registry.plugin_boundary("dataset", ds["name"], "load"):
+            data = plugin.load(ds["root"], ds["download"])
     except DatasetNotFound as missing:
         if not smoke:
             raise
@@ -198,8 +198,15 @@ def load_data(spec: dict, smoke: bool = False) -> DataSplits:
 
 def build_attacks(spec: dict) -> list[tuple[dict, object]]:
     """The spec's evaluation attacks as (entry, plugin instance), eps converted from the 0-255 scale."""
-    return [(a, registry.load("attack", a["name"])(eps=to_unit(a["eps"]), **a["options"]))
+    return [(a, registry.create("attack", a["name"], eps=to_unit(a["eps"]), **a["options"]))
             for a in spec["evaluation"]["attacks"]]
+
+
+def build_model(entry: dict, num_classes: int, input_shape) -> torch.nn.Module:
+    """The model plugin of a spec's model entry, built; its exceptions are the plugin's (registry.plugin_boundary)."""
+    plugin = registry.create("model", entry["name"], **entry["options"])
+    with registry.plugin_boundary("model", entry["name"], "build"):
+        return plugin.build(num_classes, input_shape)
 
 
 def report_document(spec: dict, data: DataSplits, env: dict, cells: list[dict], *, smoke: bool, **extra) -> dict:
@@ -224,8 +231,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
              runtime: Runtime | None = None, out_dir: Path | None = None,
              guard: InterruptGuard | None = None, force: bool = False) -> dict | None:
     seed_everything(spec["seed"])  # the same initialisation for every strength: cells differ only by strength
-    model_cls = registry.load("model", cell.model["name"])
-    model = model_cls(**cell.model["options"]).build(data.num_classes, data.input_shape).to(device)
+    model = build_model(cell.model, data.num_classes, data.input_shape).to(device)
     performance = Performance(device)  # a plain fp32 loop when no runtime is given
     if runtime is not None and runtime.performance is not None:
         performance = runtime.performance.for_model(model, data.input_shape)  # bf16 -> fp32 where oneDNN fails
@@ -234,7 +240,7 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
             progress.console.print(f"[yellow]cell {cell.id}: {performance.note}[/yellow]", highlight=False)
         performance.prepare_model(model)
     defense_entry = spec["defense"]
-    defense = registry.load("defense", defense_entry["name"])(eps=to_unit(cell.strength), **defense_entry["options"])
+    defense = registry.create("defense", defense_entry["name"], eps=to_unit(cell.strength), **defense_entry["options"])
     attacks = build_attacks(spec)
     cfg = spec["training"]
     started = time.perf_counter()

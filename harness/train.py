@@ -12,6 +12,7 @@ from torch import nn
 
 from harness.checkpoint import restore_global_rng, resume_training, training_state
 from harness.data import batches, num_batches
+from harness import registry
 from harness.errors import RunFailure
 from harness.interrupt import TrainingStopped
 from harness.performance import Runtime
@@ -129,7 +130,8 @@ def train(
             started, total, seen = started - p["seconds"], p["total"], p["seen"]
         for step, (x, y) in enumerate(steps, start=skip + 1):
             try:
-                loss = runtime.loss(defense, step_model, x, y)
+                with registry.blame(defense, "loss", passthrough=is_numeric_error):  # numeric: NumericError below
+                    loss = runtime.loss(defense, step_model, x, y)
                 value = float(loss.detach())
                 if not runtime.all_finite(value):  # under DDP: on any rank
                     raise NonFiniteLoss(epoch, step, value)

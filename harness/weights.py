@@ -25,7 +25,8 @@ from harness.paths import require_regular
 from harness.evaluate import evaluate
 from harness.performance import Performance
 from harness.report import validate_report, write_json_atomic
-from harness.runner import build_attacks, environment, load_data, pick_device, report_document, seed_everything
+from harness.runner import (build_attacks, build_model, environment, load_data, pick_device, report_document,
+                            seed_everything)
 
 # What a spec without a training part stands for: no defense, no training epochs.
 NO_TRAINING = {"defense": {"name": "none", "strengths": [0]}, "training": {"epochs": 0, "batch_size": 1, "lr": 1.0}}
@@ -120,7 +121,7 @@ def evaluate_checkpoint(spec: dict, weights: Path, out_dir: Path, console: Conso
     device = pick_device(spec["device"])
     data = load_data(spec)
     seed_everything(spec["seed"])
-    model = registry.load("model", entry["name"])(**entry["options"]).build(data.num_classes, data.input_shape)
+    model = build_model(entry, data.num_classes, data.input_shape)
     load_weights(model, state, str(weights))
     model.to(device).eval()
     attacks = build_attacks(spec)

@@ -110,6 +110,18 @@ class NaNOnRank1(CountingCrossEntropy):
         return loss * float("nan") if self.calls >= 5 and os.environ.get("RANK") == "1" else loss
 
 
+class RaisesInLoss(DefensePlugin):
+    """A plugin bug: a KeyError inside its loss (for the plugin-boundary messages)."""
+
+    def loss(self, model, x, y):
+        return {"logits": model(x)}["loss"]
+
+
+class RaisesInPerturb(AttackPlugin):
+    def perturb(self, model, x, y):
+        raise ValueError("this attack handles only 3-channel images")
+
+
 class LeavesTheBall(AttackPlugin):
     """Fine for the first cell; from then on it moves images by 3 eps (a broken projection)."""
 
@@ -132,8 +144,9 @@ def evil_plugins(tmp_path, monkeypatch):
                                                                  "Version: 0.1\n")
     (site / "evil_plugins-0.1.dist-info" / "entry_points.txt").write_text(
         "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\n"
-        "nan-gradient = evil_plugins:NaNGradientEndingEpoch2\nnan-on-rank-1 = evil_plugins:NaNOnRank1\n\n"
-        "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\n\n"
+        "nan-gradient = evil_plugins:NaNGradientEndingEpoch2\nnan-on-rank-1 = evil_plugins:NaNOnRank1\n"
+        "raises-in-loss = evil_plugins:RaisesInLoss\n\n"
+        "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\nraises-in-perturb = evil_plugins:RaisesInPerturb\n\n"
         "[harness.models]\nbroken = evil_broken:Net\n")
     monkeypatch.syspath_prepend(str(site))
     yield site
