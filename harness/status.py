@@ -87,19 +87,20 @@ def progress(ckpt: Path, train_size: int | None) -> dict:
     return out
 
 
-def _describe_progress(p: dict) -> str:
+def _describe_progress(p: dict, running: bool = False) -> str:
     if not p:
         return ""
     if "unreadable" in p:
         return p["unreadable"]
     if p["epoch"] >= p["epochs"]:
-        return f"trained ({p['epochs']} epochs), evaluating; checkpoint {_duration(p['age_s'])} ago"
+        doing = "evaluating" if running else "not evaluated yet"
+        return f"trained ({p['epochs']} epochs), {doing}; checkpoint {_duration(p['age_s'])} ago"
     parts = [f"epoch {p['epoch']}/{p['epochs']}" + (f" +{p['step']} steps" if p["step"] else "")]
     if "epoch_s" in p:
         parts.append(f"{p['epoch_s']:.1f} s/epoch")
     if "steps_per_s" in p:
         parts.append(f"{p['steps_per_s']:.2f} steps/s")
-    if "eta_s" in p:
+    if "eta_s" in p and running:
         parts.append(f"ETA {_duration(p['eta_s'])} of training")
     parts.append(f"checkpoint {_duration(p['age_s'])} ago")
     return ", ".join(parts)
@@ -132,6 +133,8 @@ def log_error(log_folder: str | None, job_id: str | None) -> str | None:
         return None
     lines = [ln.strip() for ln in attempt.splitlines() if ln.strip() and not ln.startswith("submitit ")]
     errors = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))]
+    if errors and errors[-1] in ("KeyboardInterrupt", "click.exceptions.Abort"):
+        return None  # stopped by Ctrl-C (the local executor's cancel), not a failure
     return errors[-1] if errors else lines[-1] if lines else "the job ended with an error"
 
 
@@ -213,7 +216,8 @@ def cell_states(out_dir: Path, spec: dict | None) -> list[CellState]:
             else:
                 state.state = "running"
                 attempt = f"attempt {record.get('attempt', 1)}, " if record.get("attempt", 1) > 1 else ""
-                state.detail = attempt + (_describe_progress(prog) or f"epoch 1 under way since {record.get('started')}")
+                state.detail = attempt + (_describe_progress(prog, running=True)
+                                          or f"epoch 1 under way since {record.get('started')}")
         elif ours and record.get("state") == "requeued" and not _local_job_gone(entry, job_id):
             state.state = "queued"
             state.detail = f"requeued after {record.get('signal')}" + (f"; {_describe_progress(prog)}" if prog else "")
@@ -276,6 +280,7 @@ def resubmit_command(out_dir: Path, states: list[CellState], cells: list[str] | 
     opts = last.get("run_options") or {}
     cmd += ["--data-root", opts["data_root"]] if opts.get("data_root") else []
     cmd += ["--seed", str(opts["seed"])] if opts.get("seed") is not None else []
+    cmd += [a for override in opts.get("overrides") or [] for a in ("--set", str(override))]
     cmd += ["--smoke"] if opts.get("smoke") else []
     if cells is not None:  # without --cell, submit takes the cells not done, failed, queued or running: the missing
         cmd += [a for cell_id in missing for a in ("--cell", cell_id)]

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import submitit
 import submitit.helpers
 
@@ -224,12 +225,14 @@ class RunArgs:
     data_root: str | None = None
     smoke: bool = False
     seed: int | None = None
+    overrides: tuple[str, ...] = ()  # --set PATH=VALUE (and --download as dataset.download=true)
 
     def argv(self, cell_ids: list[str]) -> list[str]:
         args = [self.spec, "--out", self.out]
         args += ["--data-root", self.data_root] if self.data_root else []
         args += ["--smoke"] if self.smoke else []
         args += ["--seed", str(self.seed)] if self.seed is not None else []
+        args += [a for override in self.overrides for a in ("--set", override)]
         return args + [a for cell_id in cell_ids for a in ("--cell", cell_id)]
 
 
@@ -271,6 +274,11 @@ class CellTask(submitit.helpers.Checkpointable):
                 code = _run_command(self.run.argv([self.cell_id]))
         except Interrupted as exc:
             self._interrupted(exc, env, main)
+        except (KeyboardInterrupt, click.exceptions.Abort):  # a second SIGINT: the local executor's cancel after
+            if main:                                          # Ctrl-C (the last epoch's checkpoint is kept)
+                _update_task_record(out, self.cell_id, env.job_id, state="stopped", signal="SIGINT",
+                                    message="stopped by a second SIGINT before the step's checkpoint")
+            sys.exit(130)
         except HarnessError as exc:  # bad input: recorded, never requeued
             if main:
                 _update_task_record(out, self.cell_id, env.job_id, state="failed", error=exc.message, fix=exc.fix)
@@ -426,7 +434,7 @@ def effective_spec(spec: dict, data_root: Path | None, seed: int | None, smoke: 
 
 
 def submit(spec_path: Path, spec: dict, out_dir: Path, options: dict, *, cell_ids: list[str], data_root: Path | None,
-           smoke: bool, seed: int | None, dry_run: bool, console) -> int:
+           smoke: bool, seed: int | None, dry_run: bool, console, overrides: list[str] | None = None) -> int:
     """Submit the cells (see the module doc); returns the exit code (local: 1 unless every cell ended done)."""
     from harness.runner import plan as plan_cells, spec_digest
 
@@ -445,8 +453,9 @@ def submit(spec_path: Path, spec: dict, out_dir: Path, options: dict, *, cell_id
     out_abs = Path(out_dir).resolve()
     spec_text = Path(spec_path).read_bytes()
     copy_path = state_dir(out_abs) / f"spec-{hashlib.sha256(spec_text).hexdigest()[:12]}.json"
+    overrides = tuple(overrides or ())  # `spec` has them applied; each job's `harness run` applies them again
     run_args = RunArgs(str(copy_path), str(out_abs), str(Path(data_root).resolve()) if data_root else None, smoke,
-                       seed)
+                       seed, overrides)
 
     if dry_run:
         shown = {k: v for k, v in options.items() if v not in (None, {}, [])}
@@ -455,7 +464,7 @@ def submit(spec_path: Path, spec: dict, out_dir: Path, options: dict, *, cell_id
         if executor_kind == "slurm":
             console.print("sbatch options per cell: " + json.dumps(slurm_parameters(options, job_name)),
                           highlight=False, markup=False, soft_wrap=True)
-        plain = RunArgs(str(spec_path), str(out_dir), str(data_root) if data_root else None, smoke, seed)
+        plain = RunArgs(str(spec_path), str(out_dir), str(data_root) if data_root else None, smoke, seed, overrides)
         for cell_id in chosen.submit:
             console.print(f"  {cell_id}: harness run " + shlex.join(plain.argv([cell_id])), highlight=False,
                           markup=False, soft_wrap=True)
@@ -473,7 +482,8 @@ def submit(spec_path: Path, spec: dict, out_dir: Path, options: dict, *, cell_id
              for cell_id in chosen.submit}
     entry = {"id": f"{time.time_ns():x}", "time": _now(), "executor": executor_kind, "spec": str(spec_path),
              "spec_copy": str(copy_path), "cwd": os.getcwd(), "out": str(out_dir), "resolved_spec": effective,
-             "run_options": {"data_root": str(data_root) if data_root else None, "smoke": smoke, "seed": seed},
+             "run_options": {"data_root": str(data_root) if data_root else None, "smoke": smoke, "seed": seed,
+                             "overrides": list(overrides)},
              "log_folder": str(state_dir(out_abs) / "logs"), "jobs": {cell_id: None for cell_id in chosen.submit}}
     folder = state_dir(out_abs) / "logs" / "%j"
     if executor_kind == "slurm":
