@@ -1,7 +1,9 @@
 """Sanity checks of an evaluation, reported as named flags (in the spirit of AutoAttack's flags).
 
 They run on a small fixed subset of the test split (`evaluation.checks.max_samples`, 64 by default) so that they
-stay cheap, after the main evaluation of a cell. Each flag is {"ok": true | false | null, "detail": ...}: false
+stay cheap, after the main evaluation of a cell. The convergence check is a statistical test and needs more
+samples to see a gap of a few points: it runs the doubled attack on `convergence_samples` (1000 by default) and
+compares it, sample by sample, with the main evaluation's outcomes of the attack as run. Each flag is {"ok": true | false | null, "detail": ...}: false
 means the evaluation should not be believed as it stands; null means the check did not apply. README.md
 ("Sanity checks") explains each flag and what to do when it is raised. An adversarial example outside its
 eps-ball or [0, 1], or non-finite, is not a flag but a hard error (harness.evaluate.check_adversary).
@@ -10,6 +12,7 @@ eps-ball or [0, 1], or non-finite, is not a flag but a hard error (harness.evalu
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import torch
@@ -28,14 +31,58 @@ FLAGS = {
     "eps_zero_is_clean": "every attack at eps = 0 leaves exactly the clean accuracy, sample by sample",
     "monotone_in_eps": "accuracy under every attack does not rise (by more than the tolerance) as eps grows over "
                        "the checked grid",
-    "attack_converged": "doubling the attack's steps / restarts / queries does not lower its accuracy by more "
-                        "than the tolerance",
+    "attack_converged": "doubling the attack's steps / restarts / queries does not break significantly more "
+                        "samples (a one-sided exact McNemar test on the paired per-sample outcomes, level "
+                        "convergence_alpha, on convergence_samples test samples)",
     "no_gradient_masking": "a gradient-free attack does not break (more than the tolerance of) samples that every "
                            "gradient-based attack at the same eps left correct",
 }
 
 # Options that make an attack stronger when doubled (the convergence check).
 STRENGTH_OPTIONS = ("steps", "restarts", "n_queries")
+
+
+def binomial_tail(k: int, m: int) -> float:
+    """P(X >= k) for X ~ Binomial(m, 1/2), exact. Written with math.comb rather than scipy.stats.binomtest: scipy
+    is no dependency of harness (only of foolbox and scikit-learn), and at p = 1/2 the tail is a plain sum of
+    binomial coefficients over 2^m, exact in Python's integers for any m (int / int rounds correctly)."""
+    if m <= 0 or k <= 0:
+        return 1.0
+    if k > m:
+        return 0.0
+    return sum(math.comb(m, i) for i in range(k, m + 1)) / 2 ** m
+
+
+def min_discordant(alpha: float) -> int:
+    """The fewest samples the stronger attack must break alone (none broken by the weaker alone) for the one-sided
+    exact McNemar test to reject at level alpha: the smallest k with 2^-k <= alpha."""
+    return max(1, math.ceil(math.log2(1.0 / alpha) - 1e-12))
+
+
+def convergence_test(base: torch.Tensor, stronger: torch.Tensor, alpha: float) -> dict:
+    """One-sided exact McNemar test of "the stronger attack breaks more samples" on paired per-sample robustness
+    (True = still correct). Of the discordant samples, `broken_only_by_doubled` are robust to the attack as run and
+    broken by the doubled one, `broken_only_by_base` the reverse (random starts make both happen by chance). Under
+    the null hypothesis (doubling changes nothing) each discordant sample falls either way with probability 1/2,
+    so the p-value is P(Binomial(b + c, 1/2) >= b). `min_detectable_gap` (percentage points): the smallest
+    accuracy drop at this n that can be flagged at all (every discordant sample in the doubled attack's favour);
+    smaller drops pass unseen."""
+    n = len(base)
+    b = int((base & ~stronger).sum())
+    c = int((~base & stronger).sum())
+    p = binomial_tail(b, b + c)
+    return {"samples": n, "acc": _pct(base, n), "doubled_acc": _pct(stronger, n), "gap": 100.0 * (b - c) / max(n, 1),
+            "broken_only_by_doubled": b, "broken_only_by_base": c, "p_value": p, "alpha": alpha,
+            "significant": p < alpha, "min_detectable_gap": 100.0 * min_discordant(alpha) / max(n, 1)}
+
+
+def convergence_indices(test_size: int, cfg: dict) -> torch.Tensor:
+    """The test samples of the convergence check: a seeded subset of `convergence_samples` (all when it is null or
+    at least the test size), drawn as Split.subset draws."""
+    n = cfg["convergence_samples"]
+    if n is None or n >= test_size:
+        return torch.arange(test_size)
+    return torch.randperm(test_size, generator=torch.Generator().manual_seed(cfg["seed"]))[:n]
 
 
 def resolve(cfg: dict | None) -> dict:
@@ -81,12 +128,16 @@ def check_deterministic(model: nn.Module, split: Split, data: DataSplits, device
 
 def run_checks(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, AttackPlugin]], cfg: dict | None,
                batch_size: int, device: torch.device, seed: int = 0,
-               on_batch: Callable[[], None] | None = None) -> dict:
+               on_batch: Callable[[], None] | None = None,
+               outcomes: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None) -> dict:
     """The flags of FLAGS on the checks subset. Every re-run of an attack goes through per_sample_robust, so it runs
     on generators of its own seeded from `seed` and its label (harness.evaluate.isolated_rng), as in the main
     evaluation: no re-run depends on the attacks or checks before it, and none shifts the generators of the run.
     `on_batch` is called after every batch of every attack run (the runner's stop check: a signal is honoured
-    within one attack call on one batch)."""
+    within one attack call on one batch).
+    `outcomes`: the main evaluation's per-sample clean correctness and robustness by attack label over the whole
+    test split; the convergence check then takes the attack's own outcomes from it and runs only the doubled
+    attack on its samples (else it runs both)."""
     cfg = resolve(cfg)
     tol = float(cfg["tolerance"])
     sub = data.test.subset(cfg["max_samples"], cfg["seed"])
@@ -119,13 +170,24 @@ def run_checks(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Att
         options = entry.get("options", {})
         if cfg["convergence"] and any(k in options for k in STRENGTH_OPTIONS):
             stronger = {k: (2 * v if k in STRENGTH_OPTIONS else v) for k, v in options.items()}
-            robust, _ = per_sample_robust(model, entry, _rebuild(attack, entry, eps, stronger), sub, correct, data,
-                                          batch_size, device, on_batch, seed=seed)
-            base, strong = _pct(robust_at[(label, eps)], n), _pct(robust, n)
-            convergence[label] = {"acc": base, "doubled_acc": strong,
-                                  "doubled": {k: stronger[k] for k in STRENGTH_OPTIONS if k in stronger}}
-            if strong < base - tol:
-                not_converged.append(f"{label}: {base:.2f}% -> {strong:.2f}% with {convergence[label]['doubled']}")
+            idx = convergence_indices(len(data.test), cfg)
+            conv = Split(data.test.images[idx], data.test.labels[idx])
+            if outcomes is not None and label in outcomes[1]:
+                conv_correct, base = outcomes[0][idx], outcomes[1][label][idx]
+            else:
+                _, conv_correct = clean_pass(model, conv, data, batch_size, device, on_batch)
+                base, _ = per_sample_robust(model, entry, attack, conv, conv_correct, data, batch_size, device,
+                                            on_batch, seed=seed)
+            robust, _ = per_sample_robust(model, entry, _rebuild(attack, entry, eps, stronger), conv, conv_correct,
+                                          data, batch_size, device, on_batch, seed=seed)
+            test = convergence_test(base, robust, float(cfg["convergence_alpha"]))
+            convergence[label] = {**test, "doubled": {k: stronger[k] for k in STRENGTH_OPTIONS if k in stronger}}
+            if test["significant"]:
+                not_converged.append(
+                    f"{label}: {test['acc']:.2f}% -> {test['doubled_acc']:.2f}% with {convergence[label]['doubled']} "
+                    f"on {test['samples']} samples ({test['broken_only_by_doubled']} broken only by the doubled "
+                    f"attack, {test['broken_only_by_base']} only by the attack as run; one-sided exact McNemar "
+                    f"p = {test['p_value']:.2g} < {test['alpha']:g})")
 
     flags["eps_zero_is_clean"] = {
         "ok": (not eps_zero_bad) if checked else None,
@@ -136,12 +198,19 @@ def run_checks(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Att
                                                                else "no attack checked")}
     flags["attack_converged"] = {"ok": (not not_converged) if convergence else None, "runs": convergence,
                                  "detail": "; ".join(not_converged) or (
-                                     "doubling did not lower accuracy beyond the tolerance" if convergence
+                                     _converged_detail(convergence) if convergence
                                      else "no checked attack has steps, restarts or n_queries to double")}
     flags["no_gradient_masking"] = gradient_masking(model, data, sub, correct, checked, robust_at, cfg, batch_size,
                                                     device, seed, on_batch)
     return {"samples": n, "clean_acc": clean, "tolerance": tol,
             "passed": all(f["ok"] is not False for f in flags.values()), "flags": flags}
+
+
+def _converged_detail(convergence: dict) -> str:
+    """What a passed convergence check can and cannot say: the smallest drop it could have detected."""
+    return "; ".join(f"{label}: {r['acc']:.2f}% -> {r['doubled_acc']:.2f}% doubled on {r['samples']} samples, "
+                     f"p = {r['p_value']:.2g} (not below {r['alpha']:g}); drops under {r['min_detectable_gap']:.2f} "
+                     "points cannot be detected at this sample size" for label, r in convergence.items())
 
 
 def gradient_masking(model: nn.Module, data: DataSplits, sub: Split, correct: torch.Tensor,

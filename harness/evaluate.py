@@ -260,6 +260,6 @@ def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Attac
         if on_checks_batch is not None:
             on_checks_batch()
         metrics["checks"] = run_checks(model, data, attacks, checks, batch_size, device, seed=seed,
-                                       on_batch=on_checks_batch)
+                                       on_batch=on_checks_batch, outcomes=(correct, per_sample))
         timings["checks"] = time.perf_counter() - started
     return metrics

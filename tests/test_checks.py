@@ -156,3 +156,50 @@ def test_adversary_out_of_bounds_is_a_hard_error_naming_the_attack():
     entry = {"name": "sloppy", "label": "sloppy@8", "eps": 8, "options": {}}
     with pytest.raises(AttackContractError, match="attack 'sloppy@8' moved an image"):
         evaluate(model, dataset(model), [(entry, OutOfBall(eps=to_unit(8)))], 64, CPU, checks=CHEAP)
+
+
+def paired(n: int, base_acc: float, broken_only_by_doubled: int, broken_only_by_base: int) -> tuple:
+    """Per-sample robustness (True = still correct) of an attack and of its doubled run on n samples."""
+    base = torch.zeros(n, dtype=torch.bool)
+    base[:round(n * base_acc / 100)] = True
+    stronger = base.clone()
+    stronger[:broken_only_by_doubled] = False  # robust to the attack as run, broken by the doubled one
+    start = round(n * base_acc / 100)
+    stronger[start:start + broken_only_by_base] = True  # the reverse (another random start won)
+    return base, stronger
+
+
+def test_convergence_test_flags_the_6_point_gap_the_64_sample_check_missed():
+    """The issue's case: PGD-40 at 93.2% vs AutoAttack at 87.4% on MNIST. At the default 1000 samples and alpha 0.01
+    the gap is flagged, also with discordance both ways; at the old 64 samples the same rates cannot be."""
+    from harness.checks import convergence_test, resolve
+
+    cfg = resolve({})
+    n, alpha = cfg["convergence_samples"], cfg["convergence_alpha"]
+    assert (n, alpha) == (1000, 0.01)
+    test = convergence_test(*paired(n, 93.2, 70, 12), alpha)  # 58 net = 5.8 points
+    assert test["significant"] and test["p_value"] < 1e-9 and abs(test["gap"] - 5.8) < 1e-9
+    assert abs(test["acc"] - 93.2) < 1e-9 and abs(test["doubled_acc"] - 87.4) < 1e-9
+    assert test["min_detectable_gap"] == 0.7  # 7 discordant samples: 2^-7 < 0.01 <= 2^-6
+    small = convergence_test(*paired(64, 93.75, 4, 0), alpha)  # 6.25 points at 64 samples: 2^-4 = 0.0625
+    assert not small["significant"] and small["p_value"] == 0.0625 and small["min_detectable_gap"] > 10
+
+
+def test_convergence_test_is_quiet_without_a_gap():
+    from harness.checks import binomial_tail, convergence_test
+
+    noise = convergence_test(*paired(1000, 90.0, 15, 15), 0.01)  # random starts: discordance both ways, no gap
+    assert not noise["significant"] and noise["gap"] == 0 and noise["p_value"] > 0.5
+    same = convergence_test(*paired(1000, 90.0, 0, 0), 0.01)
+    assert not same["significant"] and same["p_value"] == 1.0
+    assert binomial_tail(3, 3) == 1 / 8 and binomial_tail(0, 5) == 1.0
+    assert abs(binomial_tail(2, 4) - 11 / 16) < 1e-15
+
+
+def test_a_passed_convergence_check_says_what_it_could_not_detect():
+    model = BinaryLinear()
+    entry = attack("foolbox-pgd", 8, steps=20, step_size=2, random_start=False)
+    _, f = flags(model, dataset(model), [entry], gradient_free=None)
+    run = f["attack_converged"]["runs"][entry[0]["label"]]
+    assert f["attack_converged"]["ok"] is True and run["samples"] == 48  # the whole (48-sample) test split
+    assert "drops under 14.58 points cannot be detected at this sample size" in f["attack_converged"]["detail"]
