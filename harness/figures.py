@@ -84,7 +84,8 @@ def _plot(title: str, ylabel: str, measured: dict, paper: dict | None = None, no
 def make_figures(report: dict) -> dict[str, object]:
     """file name -> matplotlib Figure, for each figure the report has data for."""
     spec = report["spec"]
-    where = f"{spec['name']}: {spec['dataset']['name']}, defense {spec['defense']['name']}"
+    where = f"{spec['name']}: {spec['dataset']['name']}, " + (f"defense {spec['defense']['name']}" if spec.get("defense")
+                                                              else "given weights")
     if report.get("smoke"):
         where += " [SMOKE RUN: not a result]"
     figures = {}

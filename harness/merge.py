@@ -83,7 +83,7 @@ def _source(path: Path) -> tuple[dict | None, list[tuple[dict, str]], list[str]]
         cell = _read_cell(cell_path)
         if cell["id"] in have:
             continue  # report.json was assembled from these files
-        if report is not None and (cell["strength"] not in report["spec"]["defense"]["strengths"]
+        if report is not None and (cell["strength"] not in (report["spec"]["defense"] or {}).get("strengths", [0])
                                    or cell["model"] not in {m.get("label") for m in report["spec"]["models"]}):
             notes.append(f"ignored {cell_path}: cell {cell['id']} is not in the plan of {report_path} "
                          "(left over from an earlier run into the same folder?)")
@@ -174,7 +174,9 @@ def load(paths: list[Path]) -> tuple[dict, list[str], bool]:
             problems.append(f"{where} differs from {first_path} in: {', '.join(diffs)}")
         labels = {m["label"] for m in spec["models"]}
         spec["models"] += [copy.deepcopy(m) for m in report["spec"]["models"] if m["label"] not in labels]
-        spec["defense"]["strengths"] = sorted(set(spec["defense"]["strengths"]) | set(report["spec"]["defense"]["strengths"]))
+        if spec.get("defense") and report["spec"].get("defense"):  # null in evaluations of given weights
+            spec["defense"]["strengths"] = sorted(set(spec["defense"]["strengths"])
+                                                  | set(report["spec"]["defense"]["strengths"]))
     problems += performance_within_models(list(cells.values()))
     if problems:
         raise BadInput("the reports were run with specs (or precisions) that differ in what changes the numbers, "
@@ -182,7 +184,8 @@ def load(paths: list[Path]) -> tuple[dict, list[str], bool]:
                        fix="merge only reports of the same spec run in the same precision and TF32 setting "
                        "(models and strengths may differ); rerun the odd cells with the others' `performance` "
                        "settings, e.g. \"precision\": \"fp32\"")
-    spec["defense"]["strengths"] = sorted(set(spec["defense"]["strengths"]) | {c["strength"] for c, _ in cells.values()})
+    if spec.get("defense"):
+        spec["defense"]["strengths"] = sorted(set(spec["defense"]["strengths"]) | {c["strength"] for c, _ in cells.values()})
     order = {m["label"]: i for i, m in enumerate(spec["models"])}
     merged_cells = sorted((c for c, _ in cells.values()), key=lambda c: (order.get(c["model"], len(order)), c["strength"]))
     merged = {key: copy.deepcopy(value) for key, value in first.items() if key != "cells"}

@@ -88,10 +88,12 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, n: int | None, seed: int) -> "Split":
-        """A fixed, seeded random subset of n samples (all of them when n is None or >= len)."""
+    def subset(self, n: int | None, seed: int, first: bool = False) -> "Split":
+        """A fixed, seeded random subset of n samples (all of them when n is None or >= len); `first`: the first n."""
         if n is None or n >= len(self):
             return self
+        if first:
+            return Split(self.images[:n], self.labels[:n])
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         return Split(self.images[idx], self.labels[idx])
 
@@ -119,8 +121,17 @@ class DataSplits:
     notes: list[str] = field(default_factory=list)
 
 
+# The dataset root a plugin's `load` receives when neither --data-root nor the spec's dataset.root names one.
+DEFAULT_DATA_ROOT = "data"
+
+
 class DatasetPlugin(Plugin):
-    def load(self, root: str | None, download: bool) -> DataSplits:  # pragma: no cover - protocol
+    """`load(root, download)`: `root` is --data-root, else the spec's `dataset.root`, else DEFAULT_DATA_ROOT
+    ("data", relative to the working directory); never None. Raise harness.errors.DatasetNotFound when the data is
+    not there (smoke runs then use `stand_in(train_size, test_size, seed)` if the plugin has one), BadInput for
+    other wrong input."""
+
+    def load(self, root: str, download: bool) -> DataSplits:  # pragma: no cover - protocol
         raise NotImplementedError
 
 

@@ -67,7 +67,8 @@ def render_table(report: dict, console: Console) -> None:
     """Print the paper's table layout for the report's cells."""
     spec = report["spec"]
     strengths = sorted({c["strength"] for c in report["cells"]})
-    title = f"{spec['name']}: {spec['dataset']['name']}, defense {spec['defense']['name']}"
+    title = f"{spec['name']}: {spec['dataset']['name']}, " + (f"defense {spec['defense']['name']}" if spec.get("defense")
+                                                              else "evaluation of given weights (no training)")
     stand_in = bool((report.get("data") or {}).get("stand_in"))
     if report.get("smoke"):
         title += "  [SMOKE RUN on STAND-IN synthetic data: not a result]" if stand_in else "  [SMOKE RUN: not a result]"
