@@ -31,7 +31,7 @@ from harness import smoke as smoke_mod
 from harness.analysis import analyze_cell
 from harness.errors import BadInput, DatasetNotFound, HarnessError, RunFailure
 from harness.evaluate import evaluate
-from harness.plugin import ADVERSARY_POLICY, DEFAULT_DATA_ROOT, DataSplits, to_unit
+from harness.plugin import ADVERSARY_POLICY, DataSplits, to_unit
 from harness.report import validate_report, write_json_atomic
 from harness.distributed import Distributed
 from harness.performance import Performance, Runtime
@@ -185,14 +185,14 @@ def load_data(spec: dict, smoke: bool = False) -> DataSplits:
     ds = spec["dataset"]
     plugin = registry.create("dataset", ds["name"], **ds["options"])
     try:
-        with registry.plugin_boundary("dataset", ds["name"], "load"):  # the documented default root, never None
-            data = plugin.load(ds["root"] if ds["root"] is not None else DEFAULT_DATA_ROOT, ds["download"])
+        with registry.plugin_boundary("dataset", ds["name"], "load"):
+            data = plugin.load(ds["root"], ds["download"])
     except DatasetNotFound as missing:
         if not smoke:
             raise
         data = smoke_mod.stand_in(plugin, spec, missing)  # smoke runs go on with synthetic stand-in data
     data.train = data.train.subset(ds["max_train"], spec["seed"])
-    data.test = data.test.subset(ds["max_test"], spec["seed"] + 1, first=ds.get("test_subset") == "first")
+    data.test = data.test.subset(ds["max_test"], spec["seed"] + 1)
     return data
 
 
@@ -395,7 +395,8 @@ def make_progress(console: Console) -> Progress:
 
 
 def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cell_ids: list[str] | None = None,
-        fresh: bool = False, force: bool = False, on_report: Callable[[dict], None] | None = None) -> dict | None:
+        fresh: bool = False, force: bool = False, on_report: Callable[[dict], None] | None = None,
+        overrides: list[str] | None = None) -> dict | None:
     """Run every cell of a validated spec (or those of `cell_ids`); write cells/<id>.json and report.json under
     out_dir; return the report.
 
@@ -404,6 +405,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
     The report holds this run's cells and every other cell file of the same spec in out_dir/cells/ (separate
     `--cell` jobs merge). Under torchrun, only rank 0 evaluates and writes; the other ranks return None.
     `on_report(report)` is called while report.json is still locked (the CLI writes the figures there).
+    `overrides`: the `--set PATH=VALUE` overrides the spec was validated with, recorded in the report.
 
     Several jobs may share out_dir: a cell is run by one job at a time (`cell_lock`; a second job on the same
     cell waits, then keeps or resumes what the first left), and report.json is rebuilt under a lock.
@@ -518,7 +520,8 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
         for note in notes:
             console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
         report = report_document(spec, data, env, merge_cells(others, cells, spec), smoke=smoke,
-                                 **({"smoke_overrides": smoke_overrides} if smoke else {}))
+                                 **({"smoke_overrides": smoke_overrides} if smoke else {}),
+                                 **({"overrides": list(overrides)} if overrides else {}))
         validate_report(report)
         write_json_atomic(out_dir / "report.json", report)
         if on_report is not None:

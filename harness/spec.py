@@ -146,9 +146,14 @@ def fill_defaults(instance: Any, schema: dict) -> Any:
     return instance
 
 
-def validate(spec: Any) -> dict:
-    """Validate a parsed spec completely; return it resolved (defaults filled) or raise one BadInput listing all errors."""
-    errors = schema_errors(spec, SPEC_SCHEMA) + non_finite_numbers(spec)
+# The spec of an in-memory model (harness.api.evaluate): the model is given, so the spec names no model plugin.
+SPEC_SCHEMA_WITHOUT_MODELS = {**SPEC_SCHEMA, "required": [k for k in SPEC_SCHEMA["required"] if k != "models"]}
+
+
+def validate(spec: Any, *, models: bool = True) -> dict:
+    """Validate a parsed spec completely; return it resolved (defaults filled) or raise one BadInput listing all errors.
+    `models=False`: the spec may leave `models` out (an in-memory model is evaluated instead)."""
+    errors = schema_errors(spec, SPEC_SCHEMA if models else SPEC_SCHEMA_WITHOUT_MODELS) + non_finite_numbers(spec)
     if not isinstance(spec, dict):
         raise BadInput("spec is not valid:\n  " + "\n  ".join(errors), fix="the spec must be a JSON object")
     for kind, keys in plugin_sites(spec):
@@ -182,7 +187,7 @@ def validate(spec: Any) -> dict:
     for kind, keys in plugin_sites(resolved):
         site = _get(resolved, keys)
         fill_defaults(site["options"], registry.load(kind, site["name"]).options_schema)
-    for model in resolved["models"]:
+    for model in resolved.get("models", []):
         model["label"] = default_label(model)
     for attack in resolved["evaluation"]["attacks"]:
         attack["label"] = default_label(attack)
@@ -270,6 +275,73 @@ def _smoke_strengths(spec: dict) -> list[str]:
             "list a subset of the defense's strengths"]
 
 
-def load(path: str | Path) -> dict:
-    """Read, validate and resolve a spec file."""
-    return validate(read_json(path, "spec"))
+def load(source: str | Path | dict, overrides: Iterable[str] = ()) -> dict:
+    """Read (a path) or take (an already parsed dict, copied) a spec; apply `--set` overrides; validate, resolve."""
+    raw = copy.deepcopy(source) if isinstance(source, dict) else read_json(source, "spec")
+    return validate_overridden(apply_overrides(raw, overrides), overrides)
+
+
+def validate_overridden(raw: Any, overrides: Iterable[str], **options) -> dict:
+    """validate(raw), its error naming the `--set` overrides the spec was validated with (a bad value may be one)."""
+    overrides = list(overrides)
+    try:
+        return validate(raw, **options)
+    except BadInput as exc:
+        if overrides:
+            exc.message += "\n  (the spec as changed by the overrides " + "; ".join(overrides) + ")"
+        raise
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def apply_overrides(spec: Any, overrides: Iterable[str]) -> Any:
+    """Apply `--set PATH=VALUE` overrides to a parsed spec, before it is validated; return the changed copy.
+
+    PATH is dotted keys into objects with list indices as numbers (`training.lr`, `models.0.options.spectral_norm`);
+    the JSON paths of error messages are accepted too (`$.models[0].options.spectral_norm`). VALUE is parsed as
+    JSON (`0.05`, `[0,8]`, `false`, `{"type": "constant"}`, `null`) and, when it is not JSON, taken as a string
+    (`--set dataset.name=mnist`; a string that reads as JSON needs quotes: `--set 'name="123"'`). Missing objects
+    on the way are created, so an unknown key is then refused by the schema with its JSON path, as in a file.
+    A malformed override, an index past a list's end or a path through a number or string is BadInput."""
+    overrides = list(overrides)
+    if not overrides or not isinstance(spec, dict):
+        return spec  # a spec that is not an object: validate() says so
+    spec = copy.deepcopy(spec)
+    for text in overrides:
+        path, sep, value_text = str(text).partition("=")
+        parts = [p for p in _INDEX.sub(r".\1", path.strip().removeprefix("$")).split(".")]
+        if parts and parts[0] == "":
+            parts = parts[1:]  # "$.a" or ".a"
+        if not sep or not parts or any(p == "" for p in parts):
+            raise BadInput(f"--set {text!r}: expected PATH=VALUE with a dotted PATH, e.g. training.lr=0.05 or "
+                           "models.0.options.spectral_norm=false",
+                           fix="write the key path, '=', then the value (JSON, or a plain string)")
+        try:
+            value = json.loads(value_text)
+        except json.JSONDecodeError:
+            value = value_text  # a plain string: --set dataset.name=mnist
+        node: Any = spec
+        keys: list[Any] = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    size = f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}"
+                    what = "not a list index" if not part.isdigit() else f"past its end ({size})"
+                    raise BadInput(f"--set {text}: {json_path(keys)} is a list and {part!r} is {what}",
+                                   fix=f"index it with 0..{len(node) - 1}: {'.'.join(parts[:i])}.0")
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+            else:
+                raise BadInput(f"--set {text}: {json_path(keys)} is {json.dumps(node)}, not an object or a list, so "
+                               f"it has no {part!r}", fix=f"set {json_path(keys)} itself, or correct the path")
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and key not in node:
+                    node[key] = {}  # an absent object (analysis, training.schedule): the schema checks what is in it
+                node = node[key]
+            keys.append(key)
+    return spec
