@@ -31,7 +31,7 @@ from harness import smoke as smoke_mod
 from harness.analysis import analyze_cell
 from harness.errors import BadInput, DatasetNotFound, HarnessError, RunFailure
 from harness.evaluate import evaluate
-from harness.plugin import ADVERSARY_POLICY, DataSplits, to_unit
+from harness.plugin import ADVERSARY_POLICY, DEFAULT_DATA_ROOT, DataSplits, to_unit
 from harness.report import validate_report, write_json_atomic
 from harness.distributed import Distributed
 from harness.performance import Performance, Runtime
@@ -185,14 +185,14 @@ def load_data(spec: dict, smoke: bool = False) -> DataSplits:
     ds = spec["dataset"]
     plugin = registry.create("dataset", ds["name"], **ds["options"])
     try:
-        with registry.plugin_boundary("dataset", ds["name"], "load"):
-            data = plugin.load(ds["root"], ds["download"])
+        with registry.plugin_boundary("dataset", ds["name"], "load"):  # the documented default root, never None
+            data = plugin.load(ds["root"] if ds["root"] is not None else DEFAULT_DATA_ROOT, ds["download"])
     except DatasetNotFound as missing:
         if not smoke:
             raise
         data = smoke_mod.stand_in(plugin, spec, missing)  # smoke runs go on with synthetic stand-in data
     data.train = data.train.subset(ds["max_train"], spec["seed"])
-    data.test = data.test.subset(ds["max_test"], spec["seed"] + 1)
+    data.test = data.test.subset(ds["max_test"], spec["seed"] + 1, first=ds.get("test_subset") == "first")
     return data
 
 
