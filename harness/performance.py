@@ -27,6 +27,10 @@ Defaults are the fastest settings that keep results sound:
 - `eval_tf32: false`: evaluation on CUDA in full fp32 (TF32 would round the reported numbers' inputs).
 - `channels_last: "auto"` is on for CUDA (tensor cores want NHWC) and for CPU bf16 (oneDNN's AMX kernels want
   it too: +23% VGG16, +52% LeNet), off for CPU fp32 (there it slowed VGG16 by 19%).
+  Not every model runs in NHWC: code written for NCHW, e.g. advertorch's LeNet5 with `out.view(n, -1)` after its
+  last convolution, raises "view size is not compatible with input tensor's size and stride". `for_model` probes
+  each model once in channels_last (one forward and backward pass of two images, in training and in evaluation
+  mode, on a copy) and falls back to NCHW for a model that fails there but runs in NCHW, saying why in `note`.
 - `data_on_device: "auto"` moves both splits to the GPU once, as uint8 (or whatever dtype the plugin gave);
   batches are then gathered, scaled and augmented on the device. On CPU it is a no-op.
 - `compile: false`: torch.compile is opt-in (its first steps compile for tens of seconds; worth it for long
@@ -41,6 +45,7 @@ joins both so that the training loop calls one object at a few points.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
@@ -163,22 +168,33 @@ class Performance:
 
     @property
     def depends_on_model(self) -> bool:
-        """Whether `for_model` may change these options (bf16 on CPU), i.e. needs to see the model."""
+        """Whether `for_model` may change what these options compute (bf16 on CPU: the precision), i.e. the
+        precision a cell trains in is known only after seeing its model. (`for_model` may also switch the layout
+        back to NCHW, which changes float reassociation at most.)"""
         return self.precision == "bf16" and self.device.type == "cpu"
 
     def for_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> "Performance":
-        """These options for `model` on inputs of `input_shape` (C, H, W): fp32 instead of bf16 on CPU when a
-        convolution of the model has the geometry in which oneDNN's bf16 weight gradient is garbage (module doc);
-        the returned options carry the reason in `note`."""
-        if not self.depends_on_model:
-            return self
-        hazards = cpu_bf16_conv_hazards(model, input_shape)
-        if not hazards:
-            return self
-        more = f" and {len(hazards) - 1} more" if len(hazards) > 1 else ""
-        note = (f"trained in fp32, not bf16: on CPU, oneDNN's bf16 convolution returns garbage weight gradients "
-                f"when the stride exceeds the input size, as in {hazards[0]}{more}")
-        return replace(self, precision="fp32", channels_last=False, note=note)
+        """These options for `model` on inputs of `input_shape` (C, H, W), the reason for any change in `note`:
+        - fp32 instead of bf16 on CPU when a convolution of the model has the geometry in which oneDNN's bf16
+          weight gradient is garbage (module doc);
+        - NCHW instead of channels_last when the model fails in channels_last but runs in NCHW (module doc;
+          `channels_last_failure`). `model` itself is not changed, nor the global RNG."""
+        result = self
+        if self.depends_on_model:
+            hazards = cpu_bf16_conv_hazards(model, input_shape)
+            if hazards:
+                more = f" and {len(hazards) - 1} more" if len(hazards) > 1 else ""
+                note = (f"trained in fp32, not bf16: on CPU, oneDNN's bf16 convolution returns garbage weight "
+                        f"gradients when the stride exceeds the input size, as in {hazards[0]}{more}")
+                result = replace(self, precision="fp32", channels_last=False, note=note)
+        if result.channels_last:
+            failure = channels_last_failure(model, input_shape, result)
+            if failure is not None:
+                note = (f"trained and evaluated in NCHW, not channels_last: the model fails in channels_last "
+                        f"memory format ({failure})")
+                result = replace(result, channels_last=False,
+                                 note=note if result.note is None else f"{result.note}; {note}")
+        return result
 
     def describe(self) -> dict:
         return {**self.training_view(), "channels_last": self.channels_last,
@@ -238,6 +254,46 @@ def cpu_bf16_conv_hazards(model: nn.Module, input_shape: tuple[int, ...]) -> lis
         for h in hooks:
             h.remove()
     return found
+
+
+def channels_last_failure(model: nn.Module, input_shape: tuple[int, ...], performance: Performance) -> str | None:
+    """Why `model` cannot run in channels_last memory format, or None when it can (or when it fails in NCHW too:
+    then the layout is not the cause, and training reports the model's own error as it would without the probe).
+
+    The probe runs what a cell runs, once, on a deep copy of the model (its parameters, buffers, spectral-norm
+    vectors and batch-norm statistics stay untouched) with the global RNG forked (a dropout layer draws nothing
+    from the cell's stream): a forward and backward pass of two random images in training mode under the
+    training precision (the training step), then a forward pass and an input gradient in evaluation mode in fp32
+    (adversaries and evaluation). Two images, not one: batch norm in training mode needs more than one value."""
+    if len(input_shape) != 3:  # channels_last concerns 4-D image batches only; nothing else is converted
+        return None
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else performance.device  # where the model is, i.e. will run
+
+    def run(layout: torch.memory_format) -> None:
+        probe = copy.deepcopy(model).to(memory_format=layout)
+        x = torch.rand((2, *input_shape), device=device).contiguous(memory_format=layout)
+        probe.train()
+        dtype = performance.autocast_dtype
+        with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            out = probe(x)
+        out.float().sum().backward()
+        probe.eval()
+        x = x.detach().requires_grad_(True)
+        torch.autograd.grad(probe(x).float().sum(), x)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            run(torch.channels_last)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any failure of the model's code in this layout
+            failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        try:
+            run(torch.contiguous_format)
+        except Exception:  # noqa: BLE001 - it fails in NCHW too: not a layout problem; training will say so
+            return None
+    return failure if len(failure) <= 300 else failure[:297] + "..."
 
 
 @dataclass
