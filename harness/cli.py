@@ -47,6 +47,17 @@ def cli() -> None:
     """
 
 
+def spec_overrides(command):
+    """The options of every command that reads a spec: --set PATH=VALUE (repeatable) and --download
+    (harness.spec.apply_overrides; applied before validation and recorded in the report)."""
+    command = click.option("--download", is_flag=True, help="Let the dataset plugin download missing data (sets "
+                           "the spec's dataset.download; plugins that cannot download say so).")(command)
+    return click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
+                        help="Override a spec value before validation (repeatable): --set training.lr=0.05 --set "
+                             "defense.strengths=[0,8] --set models.0.options.spectral_norm=false; VALUE is JSON, "
+                             "else a string.")(command)
+
+
 @cli.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
@@ -64,8 +75,10 @@ def cli() -> None:
               "the spec changed since they were written (refused by default, exit 2).")
 @click.option("--seed", type=click.IntRange(min=0), help="Run with this seed instead of the spec's (default output "
               "folder reports/<spec name>-seed<N>/); `harness report --across-seeds` summarises several seeds.")
+@spec_overrides
 def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None,
-        cell_ids: tuple[str, ...], fresh: bool, force: bool, seed: int | None) -> None:
+        cell_ids: tuple[str, ...], fresh: bool, force: bool, seed: int | None, overrides: tuple[str, ...],
+        download: bool) -> None:
     """Train and evaluate every cell of SPEC; write report.json and print the table.
 
     Every epoch of every cell is checkpointed under OUT/checkpoints/. Running the same command again skips the
@@ -75,27 +88,20 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
     """
     import shlex
 
-    from harness import spec as spec_mod
+    from harness import api
     from harness.interrupt import Interrupted
     from harness.report import render_table
-    from harness.runner import run as run_spec
 
-    spec = spec_mod.load(spec_path)
-    if data_root is not None:
-        spec["dataset"]["root"] = str(data_root)
-    if seed is not None:
-        spec["seed"] = seed
-    out_dir = out_dir or default_out(spec, seed, smoke)
-    from harness.figures import write_figures
-
-    figures: list[Path] = []  # drawn by the run while it holds report.json's lock, from the report it wrote
-    try:
-        report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=list(cell_ids), fresh=fresh, force=force,
-                          on_report=lambda written: figures.extend(write_figures(written, out_dir)))
+    spec, out_dir, applied = api.prepare_run(spec_path, out_dir, overrides=overrides, download=download, smoke=smoke,
+                                             data_root=data_root, seed=seed)
+    try:  # figures: drawn by the run while it holds report.json's lock, from the report it wrote
+        report, figures = api.execute_run(spec, out_dir, console, smoke=smoke, cells=cell_ids, fresh=fresh,
+                                          force=force, overrides=applied)
     except Interrupted as exc:
         again = ["harness", "run", str(spec_path), "--out", str(out_dir)]  # never --fresh: that would start over
         again += (["--smoke"] if smoke else []) + (["--data-root", str(data_root)] if data_root else [])
         again += ["--seed", str(seed)] if seed is not None else []
+        again += [arg for override in applied for arg in ("--set", override)]
         again += [arg for cell_id in cell_ids for arg in ("--cell", cell_id)]
         exc.fix = "resume with: " + " ".join(shlex.quote(a) for a in again)
         raise
@@ -115,11 +121,10 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
 
 
 def default_out(spec: dict, seed: int | None, smoke: bool) -> Path:
-    """`harness run`'s (and `harness submit`'s) output folder when --out is not given."""
-    from harness.paths import inside
+    """`harness run`'s (and `harness submit`'s) output folder when --out is not given (harness.api.default_out)."""
+    from harness.api import default_out as api_default_out
 
-    name = spec["name"] + (f"-seed{seed}" if seed is not None else "") + ("-smoke" if smoke else "")
-    return inside(Path("reports"), name, where="$.name")
+    return api_default_out(spec, seed, smoke)
 
 
 @cli.command("eval")
@@ -129,28 +134,31 @@ def default_out(spec: dict, seed: int | None, smoke: bool) -> Path:
 @click.option("--model", "model_label", help="The label of the spec's model to load into (default: the first).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Output folder (default: reports/<spec name>-eval/).")
-def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path | None) -> None:
+@spec_overrides
+def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path | None, overrides: tuple[str, ...],
+          download: bool) -> None:
     """Evaluate existing WEIGHTS with SPEC's dataset, model, attacks and checks, without training."""
-    from harness.weights import evaluate_checkpoint, read_spec
+    from harness import api
     from harness.report import render_attack_table
 
     from harness.paths import inside
 
-    spec = read_spec(spec_path)
+    spec, applied = api.prepare_evaluation(weights, spec_path, overrides=overrides, download=download)
     out_dir = out_dir or inside(Path("reports"), f"{spec['name']}-eval", where="$.name")
-    report = evaluate_checkpoint(spec, weights, out_dir, console, model_label)
+    report = api.execute_evaluation(weights, spec, out_dir, console, model_label=model_label, overrides=applied)
     render_attack_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
 
 
 @cli.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
-def validate(spec_path: Path) -> None:
+@spec_overrides
+def validate(spec_path: Path, overrides: tuple[str, ...], download: bool) -> None:
     """Check SPEC (its JSON, the schema, plugin names and plugin options) without running anything."""
-    from harness import spec as spec_mod
+    from harness import api
     from harness.runner import plan
 
-    spec = spec_mod.load(spec_path)
+    spec = api.validate(spec_path, overrides=overrides, download=download)
     cells = plan(spec)
     console.print(f"{spec_path}: valid. {len(cells)} cell(s): " + ", ".join(c.id for c in cells), highlight=False)
 
@@ -245,17 +253,23 @@ def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bo
 @click.option("--eval-batch-size", type=click.IntRange(min=1), help="Evaluation batch (default: the spec's).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed rounds.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed rounds (median).")
+@spec_overrides
 def bench(spec_path: Path, out_path: Path | None, cell_ids: tuple[str, ...], batch_size: int | None,
-          eval_batch_size: int | None, warmup: int, repeats: int) -> None:
+          eval_batch_size: int | None, warmup: int, repeats: int, overrides: tuple[str, ...], download: bool) -> None:
     """Images/s and FLOPs per image of each cell's training step and evaluation, with the plain advertorch
     call and a hand-written PGD loop timed in the same run as ratios; writes JSON and prints a table."""
     from harness import bench as bench_mod
     from harness import spec as spec_mod
     from harness.paths import inside
 
-    spec = spec_mod.load(spec_path)
+    from harness.api import overrides_list
+
+    applied = overrides_list(overrides, download)
+    spec = spec_mod.load(spec_path, applied)
     doc = bench_mod.bench(spec, console, cell_ids=list(cell_ids), batch_size=batch_size,
                           eval_batch_size=eval_batch_size, warmup=warmup, repeats=repeats)
+    if applied:
+        doc["overrides"] = applied
     out_path = out_path or inside(Path("reports"), spec["name"], "bench.json", where="$.name")
     bench_mod.write(doc, out_path)
     bench_mod.render(doc, console)
@@ -315,11 +329,13 @@ def selftest(device_choice: str, out_dir: Path | None) -> None:
 @click.option("--smoke", is_flag=True, help="Submit the smoke version of SPEC, as `harness run --smoke`.")
 @click.option("--seed", type=click.IntRange(min=0), help="Run with this seed, as `harness run --seed`.")
 @click.option("--dry-run", is_flag=True, help="Print what would be submitted; submit nothing.")
+@spec_overrides
 def submit(spec_path: Path, out_dir: Path | None, executor: str | None, cell_ids: tuple[str, ...],
            partition: str | None, account: str | None, qos: str | None, time_limit: str | None,
            gpus_per_cell: int | None, cpus_per_cell: int | None, mem: str | None, array_parallelism: int | None,
            constraint: str | None, slurm_options: tuple[str, ...], executor_config: Path | None,
-           data_root: Path | None, smoke: bool, seed: int | None, dry_run: bool) -> None:
+           data_root: Path | None, smoke: bool, seed: int | None, dry_run: bool, overrides: tuple[str, ...],
+           download: bool) -> None:
     """Run SPEC's unfinished cells as jobs of a Slurm cluster (or of this machine), through submitit.
 
     Each job runs `harness run SPEC --out DIR --cell ID`. A job that reaches its time limit or is preempted
@@ -336,10 +352,13 @@ def submit(spec_path: Path, out_dir: Path | None, executor: str | None, cell_ids
              "array_parallelism": array_parallelism, "constraint": constraint,
              "slurm_options": submit_mod.parse_slurm_options(slurm_options)}
     options = submit_mod.read_options(executor_config, given)
-    spec = spec_mod.load(spec_path)
+    from harness.api import overrides_list
+
+    applied = overrides_list(overrides, download)
+    spec = spec_mod.load(spec_path, applied)
     out_dir = out_dir or default_out(spec, seed, smoke)
     code = submit_mod.submit(spec_path, spec, out_dir, options, cell_ids=list(cell_ids), data_root=data_root,
-                             smoke=smoke, seed=seed, dry_run=dry_run, console=console)
+                             smoke=smoke, seed=seed, dry_run=dry_run, console=console, overrides=applied)
     sys.exit(code)
 
 

@@ -13,6 +13,9 @@
 Every attack runs on random number generators of its own (`isolated_rng`), seeded from the spec's seed and the
 attack's label alone: its result does not depend on which attacks ran before it, and it leaves the generators of
 the rest of the run as it found them.
+
+The module itself is callable: `harness.evaluate(model, "digits", attacks=[...], eps=8)` is the Python API's
+harness.api.evaluate (the package attribute `harness.evaluate` is this module once it is imported).
 """
 
 from __future__ import annotations
@@ -263,3 +266,21 @@ def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Attac
                                        on_batch=on_checks_batch, outcomes=(correct, per_sample))
         timings["checks"] = time.perf_counter() - started
     return metrics
+
+
+import sys  # noqa: E402  (here, at the end: the module's class is swapped once everything above is defined)
+import types  # noqa: E402
+
+
+class _CallableModule(types.ModuleType):
+    """This module's type: calling `harness.evaluate(...)` runs harness.api.evaluate. The import system makes the
+    package attribute `harness.evaluate` this submodule, so the API's function of the same name is reached through
+    the module rather than by renaming either."""
+
+    def __call__(self, *args, **kwargs):
+        from harness.api import evaluate as api_evaluate
+
+        return api_evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -13,9 +13,11 @@ import copy
 import hashlib
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from torch import nn
 
 from harness import registry
@@ -34,13 +36,18 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
 SHOWN = 8
 
 
-def read_spec(path: str | Path) -> dict:
-    """A spec for evaluation only: `defense` and `training` may be absent."""
-    raw = spec_mod.read_json(path, "spec")
+def read_spec(source: str | Path | dict, overrides: Iterable[str] = (), *, models: bool = True) -> dict:
+    """A spec for evaluation only (a path, or a parsed dict): `defense` and `training` may be absent; `--set`
+    overrides are applied first. `models=False` (an in-memory model is evaluated): the spec's `models` are
+    ignored and may be absent."""
+    raw = copy.deepcopy(source) if isinstance(source, dict) else spec_mod.read_json(source, "spec")
+    raw = spec_mod.apply_overrides(raw, overrides)
     if isinstance(raw, dict):
         for key, value in NO_TRAINING.items():
             raw.setdefault(key, copy.deepcopy(value))
-    return spec_mod.validate(raw)
+        if not models:
+            raw.pop("models", None)
+    return spec_mod.validate_overridden(raw, overrides, models=models)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -107,36 +114,52 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def evaluate_checkpoint(spec: dict, weights: Path, out_dir: Path, console: Console, model_label: str | None = None
-                        ) -> dict:
-    """Build the spec's model, load the weights, evaluate; write out_dir/report.json and return the report."""
+def pick_model(spec: dict, model_label: str | None) -> dict:
+    """The spec's model entry labelled `model_label` (default: the first)."""
     models = {m["label"]: m for m in spec["models"]}
     if model_label is None:
-        entry = spec["models"][0]
-    elif model_label in models:
-        entry = models[model_label]
-    else:
-        raise BadInput(f"the spec has no model labelled {model_label!r}", fix=f"choose one of: {', '.join(models)}")
+        return spec["models"][0]
+    if model_label in models:
+        return models[model_label]
+    raise BadInput(f"the spec has no model labelled {model_label!r}", fix=f"choose one of: {', '.join(models)}")
+
+
+def evaluate_checkpoint(spec: dict, weights: Path, out_dir: Path | None, console: Console,
+                        model_label: str | None = None, *, overrides: list[str] | None = None) -> dict:
+    """Build the spec's model, load the weights, evaluate; write out_dir/report.json and return the report."""
+    entry = pick_model(spec, model_label)
     state = read_state_dict(weights)
     device = pick_device(spec["device"])
     data = load_data(spec)
     seed_everything(spec["seed"])
     model = build_model(entry, data.num_classes, data.input_shape)
     load_weights(model, state, str(weights))
+    return evaluate_model(spec, model, data, device, out_dir, console, label=entry["label"], model_name=entry["name"],
+                          source=str(weights), overrides=overrides,
+                          record={"checkpoint": {"path": str(weights), "sha256": file_sha256(Path(weights)),
+                                                 "model": entry["label"]}})
+
+
+def evaluate_model(spec: dict, model: nn.Module, data, device: torch.device, out_dir: Path | None, console: Console,
+                   *, label: str, model_name: str, source: str, record: dict, overrides: list[str] | None = None,
+                   cell_suffix: str = "checkpoint") -> dict:
+    """Evaluate a built model (loaded weights, or a caller's in-memory module) with the spec's attacks and checks,
+    as a trained cell is; return the report (`record`: its top-level fields saying what was evaluated), written
+    to out_dir/report.json unless out_dir is None."""
     model.to(device).eval()
     attacks = build_attacks(spec)
-    console.print(f"[bold]{spec['name']}[/bold]: evaluating {weights} as {entry['label']} on {device}; "
-                  f"{len(data.test)} test samples")
+    console.print(f"[bold]{rich_escape(spec['name'])}[/bold]: evaluating {rich_escape(source)} as "
+                  f"{rich_escape(label)} on {device}; {len(data.test)} test samples")
     started = time.perf_counter()
     with Performance.from_spec(spec.get("performance"), device).evaluation():  # on CUDA: TF32 only if eval_tf32
         metrics = evaluate(model, data, attacks, spec["evaluation"]["batch_size"], device,
                            checks=spec["evaluation"].get("checks"), seed=spec["seed"])
-    cell = {"id": f"{entry['label']}__checkpoint", "model": entry["label"], "model_name": entry["name"],
-            "defense": "checkpoint", "strength": 0, "status": "done", "seconds": time.perf_counter() - started,
+    cell = {"id": f"{label}__{cell_suffix}", "model": label, "model_name": model_name,
+            "defense": cell_suffix, "strength": 0, "status": "done", "seconds": time.perf_counter() - started,
             "parameters": sum(p.numel() for p in model.parameters()), "history": [], "metrics": metrics}
-    report = report_document(spec, data, environment(device), [cell], smoke=False,
-                             checkpoint={"path": str(weights), "sha256": file_sha256(Path(weights)),
-                                         "model": entry["label"]})
+    report = report_document(spec, data, environment(device), [cell], smoke=False, **record,
+                             **({"overrides": list(overrides)} if overrides else {}))
     validate_report(report)
-    write_json_atomic(out_dir / "report.json", report)
+    if out_dir is not None:
+        write_json_atomic(out_dir / "report.json", report)
     return report

@@ -1,0 +1,196 @@
+"""The Python API (harness.api; harness.run / harness.evaluate / harness.validate): the same results as the CLI it
+underlies, on tiny real digits runs, and bad input raised as BadInput with the JSON path instead of sys.exit."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import harness
+from harness import registry
+from harness.errors import BadInput, RunFailure
+from harness.runner import load_data, seed_everything
+from harness.train import train
+from harness import spec as spec_mod
+
+from conftest import REPO, invoke
+
+# One cell, no analysis: the comparisons below need two runs of it.
+RUN_SPEC = {
+    "name": "api", "seed": 0, "device": "cpu",
+    "dataset": {"name": "digits", "max_train": 128, "max_test": 64},
+    "models": [{"name": "lenet", "options": {"spectral_norm": True}}],
+    "defense": {"name": "pgd-at", "strengths": [0, 32], "options": {"steps": 2, "step_size": 16}},
+    "training": {"epochs": 1, "batch_size": 64, "lr": 0.1},
+    "evaluation": {"batch_size": 128, "checks": {"enabled": False},
+                   "attacks": [{"name": "foolbox-pgd", "eps": 32, "options": {"steps": 2, "step_size": 16}}]},
+    "analysis": {"enabled": False},
+}
+
+EVAL_SPEC = {
+    "name": "api-eval", "device": "cpu",
+    "dataset": {"name": "digits", "max_test": 60},
+    "models": [{"name": "lenet", "options": {"spectral_norm": True}}],
+    "evaluation": {"batch_size": 128, "checks": {"enabled": False},
+                   "attacks": [{"name": "advertorch-pgd", "eps": 16, "options": {"steps": 3}},
+                               {"name": "foolbox-fgsm", "eps": 16}]},
+}
+
+
+def _results(report: dict) -> list[dict]:
+    """What a run computed, without wall times."""
+    cells = []
+    for cell in report["cells"]:
+        cell = {k: v for k, v in cell.items() if k not in ("seconds", "timings", "checksum")}
+        cell["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in cell.get("history", [])]
+        cell["metrics"] = {k: v for k, v in cell["metrics"].items() if k != "timings"}
+        cells.append(cell)
+    return cells
+
+
+def test_run_returns_the_cli_report(tmp_path, write_spec):
+    """harness.run on a dict (with overrides as a mapping) gives the cells `harness run` gives on the same spec
+    file with the same overrides as --set, and writes the same files."""
+    path = write_spec(RUN_SPEC)
+    cli = invoke("run", path, "--out", tmp_path / "cli", "--set", "defense.strengths=[32]")
+    assert cli.exit_code == 0, cli.output
+    cli_report = json.loads((tmp_path / "cli" / "report.json").read_text())
+
+    report = harness.run(copy.deepcopy(RUN_SPEC), out=tmp_path / "api", overrides={"defense.strengths": [32]},
+                         quiet=True)
+    assert report == json.loads((tmp_path / "api" / "report.json").read_text())  # the document written
+    assert [c["id"] for c in report["cells"]] == ["lenet__s32"]
+    assert len(report["cells"][0]["history"]) == 1 and report["cells"][0]["status"] == "done"  # trained, evaluated
+    assert _results(report) == _results(cli_report)
+    assert report["spec"] == cli_report["spec"]
+    assert report["overrides"] == cli_report["overrides"] == ["defense.strengths=[32]"]
+    assert sorted(p.name for p in (tmp_path / "api").glob("fig*")) == sorted(p.name for p in (tmp_path / "cli").glob("fig*"))
+    # the same folder again: the finished cell is kept, as the CLI keeps it
+    again = harness.run(copy.deepcopy(RUN_SPEC), out=tmp_path / "api", overrides=["defense.strengths=[32]"],
+                        quiet=True)
+    assert _results(again) == _results(report)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LeNet trained for a few real steps, and its state_dict on disk."""
+    data = load_data(spec_mod.validate({**copy.deepcopy(RUN_SPEC), "dataset": EVAL_SPEC["dataset"]}))
+    seed_everything(0)
+    model = registry.load("model", "lenet")(spectral_norm=True).build(10, (1, 8, 8))
+    cfg = {"epochs": 2, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "weight_decay": 0, "nesterov": False,
+           "schedule": {"type": "constant"}, "max_batches": None}
+    train(model, registry.load("defense", "none")(eps=0.0), data, cfg, torch.device("cpu"), seed=0)
+    path = tmp_path_factory.mktemp("weights") / "lenet.pt"
+    torch.save(model.state_dict(), path)
+    registry._LOADED.clear()
+    return model, path
+
+
+def _accuracies(report: dict) -> tuple[float, dict]:
+    m = report["cells"][0]["metrics"]
+    return m["clean_acc"], {label: a["acc"] for label, a in m["attacks"].items()}
+
+
+def test_evaluate_in_memory_matches_cli_eval_of_the_saved_weights(trained, tmp_path, write_spec):
+    model, weights = trained
+    path = write_spec(EVAL_SPEC)
+    cli = invoke("eval", path, "--weights", weights, "--out", tmp_path / "cli")
+    assert cli.exit_code == 0, cli.output
+    expected = _accuracies(json.loads((tmp_path / "cli" / "report.json").read_text()))
+    assert expected[0] > 30 and set(expected[1]) == {"advertorch-pgd@16", "foolbox-fgsm@16"}  # trained (chance: 10)
+    assert min(expected[1].values()) < expected[0]  # the attacks do something
+
+    model.train()
+    by_spec = harness.evaluate(model, path, quiet=True)
+    assert _accuracies(by_spec) == expected
+    assert model.training  # the caller's module is given back in its own mode
+    assert by_spec["module"]["class"].endswith("Sequential") and len(by_spec["module"]["state_dict_sha256"]) == 64
+    assert by_spec["spec"]["models"] == [{"name": by_spec["module"]["class"], "label": "Sequential", "options": {}}]
+
+    # the RobustBench-style one-liner: a dataset name and attacks by name, eps on the 0-255 scale
+    one_liner = harness.evaluate(model, "digits", attacks=[{"name": "advertorch-pgd", "options": {"steps": 3}},
+                                                           "foolbox-fgsm"],
+                                 eps=16, n_examples=60, batch_size=128, checks=False, label="mine", quiet=True,
+                                 out=tmp_path / "api")
+    assert _accuracies(one_liner) == expected
+    assert one_liner["cells"][0]["id"] == "mine__module"
+    assert one_liner["overrides"][1:] == ["dataset.max_test=60", "evaluation.batch_size=128",
+                                          'evaluation.checks={"enabled": false}']
+    assert json.loads((tmp_path / "api" / "report.json").read_text()) == one_liner
+
+    # weights on disk through the API: exactly `harness eval`
+    from_file = harness.evaluate(weights, EVAL_SPEC, quiet=True)
+    assert _accuracies(from_file) == expected and from_file["checkpoint"]["path"] == str(weights)
+
+    # eps without attacks moves the spec's attacks; n_examples is the test subset
+    small = harness.evaluate(model, EVAL_SPEC, eps=0, n_examples=20, quiet=True)
+    clean, attacked = _accuracies(small)
+    assert small["data"]["test_size"] == 20 and set(attacked) == {"advertorch-pgd@0", "foolbox-fgsm@0"}
+    assert all(acc == clean for acc in attacked.values())  # eps 0 leaves every correct sample correct
+
+
+def test_bad_input_raises_badinput_with_the_json_path(trained, tmp_path):
+    model, weights = trained
+    bad = copy.deepcopy(RUN_SPEC)
+    bad["training"]["lr"] = "fast"
+    with pytest.raises(BadInput, match=r"\$\.training\.lr: 'fast' is not of type 'number'"):
+        harness.run(bad, out=tmp_path / "o", quiet=True)
+    with pytest.raises(BadInput, match=r"\$\.training: unknown key 'epoch' \(did you mean 'epochs'\?\)"):
+        harness.run(RUN_SPEC, out=tmp_path / "o", overrides={"training.epoch": 2}, quiet=True)
+    with pytest.raises(BadInput, match=r"\$\.models\[0\]\.options\.spectral_norm: 3 is not of type 'boolean'"):
+        harness.validate(RUN_SPEC, overrides=["models.0.options.spectral_norm=3"])
+    with pytest.raises(BadInput, match="spec file not found"):
+        harness.run(tmp_path / "missing.json", quiet=True)
+    with pytest.raises(BadInput, match="a spec is the path of a JSON file or a dict"):
+        harness.validate(42)
+    with pytest.raises(BadInput, match=r"seed must be an integer >= 0"):
+        harness.run(RUN_SPEC, out=tmp_path / "o", seed=-1, quiet=True)
+    assert not (tmp_path / "o").exists()  # refused before anything ran
+    with pytest.raises(BadInput, match=r"attacks\[0\] \('autoattack'\) has no eps"):
+        harness.evaluate(model, "digits", attacks=["autoattack"], quiet=True)
+    with pytest.raises(BadInput, match=r"\$\.evaluation\.attacks\[0\]\.eps: 300 is greater than the maximum of 255"):
+        harness.evaluate(model, "digits", attacks=["foolbox-fgsm"], eps=300, quiet=True)
+    with pytest.raises(BadInput, match=r"\$\.dataset\.name: unknown dataset 'digitz'. Did you mean 'digits'\?"):
+        harness.evaluate(model, "digitz", attacks=["foolbox-fgsm"], eps=8, quiet=True)
+    with pytest.raises(BadInput, match=r"needs a spec naming its model plugin"):
+        harness.evaluate(weights, "digits", attacks=["foolbox-fgsm"], eps=8, quiet=True)
+    with pytest.raises(BadInput, match=r"the model fails on the dataset's images \(a batch of shape \(2, 1, 8, 8\)"):
+        harness.evaluate(torch.nn.Linear(3, 10), "digits", attacks=["foolbox-fgsm"], eps=8, quiet=True)
+    with pytest.raises(BadInput, match=r"expected logits of shape \(2, 10\)"):
+        harness.evaluate(torch.nn.Flatten(), "digits", attacks=["foolbox-fgsm"], eps=8, quiet=True)
+    with pytest.warns(UserWarning, match="0-255 scale"):
+        with pytest.raises(BadInput):  # the warning comes before validation refuses the dataset
+            harness.evaluate(model, "digitz", attacks=["foolbox-fgsm"], eps=8 / 255, quiet=True)
+
+
+def test_validate_returns_the_resolved_spec():
+    resolved = harness.validate(RUN_SPEC, overrides=["defense.strengths=[0,8]"], download=True)
+    assert resolved["defense"]["strengths"] == [0, 8] and resolved["dataset"]["download"] is True
+    assert resolved["models"][0]["label"] == "lenet" and resolved["training"]["momentum"] == 0.9  # defaults
+    assert RUN_SPEC["defense"]["strengths"] == [0, 32]  # the caller's dict is not changed
+
+
+def test_a_failed_cell_raises_runfailure_holding_the_report(evil_plugins, tmp_path):
+    spec = copy.deepcopy(RUN_SPEC)
+    spec["defense"] = {"name": "explode", "strengths": [8]}  # an infinite loss from its 5th batch
+    spec["training"].update(epochs=2, batch_size=32)
+    with pytest.raises(RunFailure, match=r"1 cell\(s\) failed: lenet__s8") as caught:
+        harness.run(spec, out=tmp_path / "o", quiet=True)
+    assert caught.value.report["cells"][0]["status"] == "failed"
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["cells"][0]["status"] == "failed"
+
+
+def test_import_harness_stays_light():
+    """`import harness` imports neither torch nor the API; the API's names resolve on first use, and
+    harness.evaluate stays callable after the harness.evaluate submodule is imported."""
+    code = ("import sys, harness; assert 'torch' not in sys.modules and 'harness.api' not in sys.modules; "
+            "assert callable(harness.run) and callable(harness.validate) and 'torch' not in sys.modules; "
+            "import harness.runner; import harness.evaluate as m; assert harness.evaluate is m and callable(m); "
+            "from harness.evaluate import evaluate; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
