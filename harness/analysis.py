@@ -166,6 +166,8 @@ def analyze(model: nn.Module, data: DataSplits, options: dict, batch_size: int, 
     u_min = float(u[robust].min()) if robust.any() else None
 
     spectral = layer_norms(model, data.input_shape, device, iterations=options["power_iterations"])
+    if on_batch is not None:
+        on_batch()  # the spectral norms count as one more unit of work (batch_count), and a stop is polled after them
     return {
         "eps": options["eps"],
         "steps": options["steps"],
@@ -184,6 +186,15 @@ def analyze(model: nn.Module, data: DataSplits, options: dict, batch_size: int, 
         "spectral": spectral,
         "seconds": time.perf_counter() - started,
     }
+
+
+def batch_count(data: DataSplits, spec: dict) -> int:
+    """How many times analyze calls `on_batch`: after each batch of the clean margins (train and test) and of the
+    ball searches, and once after the spectral norms (the size of the analysis's progress bar)."""
+    limit = (spec.get("analysis") or {}).get("max_train")
+    size = spec["evaluation"]["batch_size"]
+    searched = len(data.train) if limit is None else min(limit, len(data.train))  # the size of analyze's subset
+    return sum(-(-n // size) for n in (len(data.train), len(data.test), searched)) + 1
 
 
 def analyze_cell(model: nn.Module, data: DataSplits, spec: dict, device: torch.device,

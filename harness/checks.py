@@ -126,6 +126,27 @@ def check_deterministic(model: nn.Module, split: Split, data: DataSplits, device
             "training_modules": training}
 
 
+def batch_count(attacks: list[tuple[dict, AttackPlugin]], cfg: dict | None, test_size: int, batch_size: int) -> int:
+    """How many times run_checks calls `on_batch` (after each batch of its clean pass and of every attack run): the
+    size of the checks' progress bar. It follows run_checks's runs one by one; a change there must change it too
+    (tests/test_output.py sees a bar end short of or beyond its total)."""
+    cfg = resolve(cfg)
+    n = test_size if cfg["max_samples"] is None else min(cfg["max_samples"], test_size)
+    per_run = -(-n // batch_size)
+    runs, extra = 1, 0  # the clean pass; batches of the convergence runs, on their own subset
+    wanted = cfg["attacks"]
+    checked = [(e, a) for e, a in attacks if wanted is None or e["label"] in wanted]
+    for entry, _ in checked:
+        eps = float(entry["eps"])
+        runs += len({0.0, eps, *(float(e) for e in (cfg["eps_grid"] or [eps / 2, min(2 * eps, 255.0)]))})
+        if cfg["convergence"] and any(k in entry.get("options", {}) for k in STRENGTH_OPTIONS):
+            extra += -(-len(convergence_indices(test_size, cfg)) // batch_size)  # the doubled attack (convergence)
+    gradient_based = [e for e, a in checked if not getattr(a, "gradient_free", False)]
+    if cfg["gradient_free"] and gradient_based:
+        runs += len({float(e["eps"]) for e in gradient_based} - {0.0})
+    return runs * per_run + extra
+
+
 def run_checks(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, AttackPlugin]], cfg: dict | None,
                batch_size: int, device: torch.device, seed: int = 0,
                on_batch: Callable[[], None] | None = None,

@@ -222,6 +222,13 @@ def worst_case(entries: list[dict], robust: dict[str, torch.Tensor], n: int) -> 
     return out
 
 
+def batch_count(data: DataSplits, attacks: int, batch_size: int) -> int:
+    """How many times evaluate calls `on_batch` when `attacks` attacks run: after each batch of the clean passes over
+    the train and test splits and of every attack over the test split (the size of the evaluation's progress bar)."""
+    per = [-(-len(split) // batch_size) for split in (data.train, data.test)]
+    return per[0] + per[1] * (1 + attacks)
+
+
 def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, AttackPlugin]], batch_size: int,
              device: torch.device, on_batch: Callable[[], None] | None = None, checks: dict | None = None,
              timings: dict | None = None, seed: int = 0, on_checks_batch: Callable[[], None] | None = None) -> dict:

@@ -11,6 +11,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.errors import RunFailure
@@ -112,6 +113,24 @@ def render_table(report: dict, console: Console) -> None:
     if report.get("smoke"):
         console.print(f"[bold yellow]SMOKE RUN{' on STAND-IN synthetic data' if stand_in else ''}: a pipeline check "
                       "with capped sizes, not a result[/bold yellow]")
+
+
+def render_cell_summary(cell: dict, console: Console) -> None:
+    """The lines `harness run` prints as a cell finishes, and `harness report` / `harness eval` print again from
+    the report: its clean accuracy, GE, first attack's accuracy and time, and the detail of every sanity check
+    raised (or the error of a failed cell)."""
+    if cell["status"] != "done":
+        console.print(f"[red]cell {escape(cell['id'])} failed:[/red] {escape(str(cell.get('error', '')))}",
+                      highlight=False)
+        return
+    m = cell["metrics"]
+    pgd = "—" if m.get("pgd_acc") is None else f"{m['pgd_acc']:.2f}%"
+    console.print(f"cell {cell['id']}: acc {m['clean_acc']:.2f}% (clean)  GE {m['ge']:.4f}  PGD {pgd}  "
+                  f"({cell['seconds']:.1f} s)", markup=False, highlight=False)
+    for flag, value in (m.get("checks") or {}).get("flags", {}).items():
+        if value["ok"] is False:
+            console.print(f"[yellow]cell {escape(cell['id'])}: check {flag} raised:[/yellow] "
+                          f"{escape(value['detail'])}", highlight=False)
 
 
 def render_attack_table(report: dict, console: Console) -> None:

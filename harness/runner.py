@@ -22,23 +22,25 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape as rich_escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import harness
 from harness import registry
 from harness import paper
 from harness import smoke as smoke_mod
+from harness import analysis as analysis_mod
 from harness.analysis import analyze_cell
+from harness import checks as checks_mod
 from harness.errors import BadInput, DatasetNotFound, HarnessError, RunFailure
-from harness.evaluate import evaluate
+from harness.evaluate import batch_count as eval_batch_count, evaluate
 from harness.plugin import ADVERSARY_POLICY, DEFAULT_DATA_ROOT, DataSplits, to_unit
-from harness.report import validate_report, write_json_atomic
+from harness.report import render_cell_summary, validate_report, write_json_atomic
 from harness.distributed import Distributed
 from harness.performance import Performance, Runtime
 from harness.train import steps_per_epoch, train
 from harness import checkpoint, integrity, merge
 from harness import spec as spec_mod
 from harness.interrupt import InterruptGuard, TrainingStopped
+from harness.progress import Overall, Phases, batch_hook
 from harness.paths import (WriteFailed, check_dataset_root, check_writable, inside, locked, remove_stale_temps,
                            report_lock)
 
@@ -227,7 +229,7 @@ def report_document(spec: dict, data: DataSplits, env: dict, cells: list[dict], 
     }
 
 
-def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Progress,
+def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Phases,
              runtime: Runtime | None = None, out_dir: Path | None = None,
              guard: InterruptGuard | None = None, force: bool = False) -> dict | None:
     seed_everything(spec["seed"])  # the same initialisation for every strength: cells differ only by strength
@@ -264,45 +266,47 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     stop = (runtime or Runtime()).stop_check(guard) if guard is not None else None
     done = 0 if resume is None else resume["epoch"] * steps_per_epoch(data, cfg) + resume["step"]
 
-    task = progress.add_task(f"train {cell.id}", total=cfg["epochs"] * steps_per_epoch(data, cfg), completed=done)
+    progress.start(f"cell {cell.id}", "training", cfg["epochs"] * steps_per_epoch(data, cfg), completed=done,
+                   unit="steps")
     try:
-        history = train(model, defense, data, cfg, device, spec["seed"], on_step=lambda: progress.advance(task),
+        history = train(model, defense, data, cfg, device, spec["seed"], on_step=progress.advance,
                         runtime=runtime, resume=resume, on_checkpoint=save, should_stop=stop)
     except TrainingStopped as exc:
         if runtime is not None and runtime.distributed is not None:
             runtime.distributed.barrier()  # no rank exits before rank 0 has written the checkpoint
         raise guard.interrupted(f"cell {cell.id} stopped after step {exc.step} of epoch {exc.epoch}; "
                                 f"checkpoint written to {ckpt_path}") from None
-    progress.update(task, visible=False)
+    progress.finish()
     if runtime is not None and runtime.distributed is not None and not runtime.distributed.is_main:
         return None  # rank 0 evaluates and writes
 
-    evaluating, checking, analysing = (phase_check(cell, phase, guard, ckpt_path, progress.console)
-                                       for phase in ("evaluating", "running the sanity checks", "analysing"))
-
-    def on_eval_batch() -> None:
-        progress.advance(task)
-        evaluating()
-
     eval_bs = spec["evaluation"]["batch_size"]
-    eval_batches = sum((len(s) + eval_bs - 1) // eval_bs for s in (data.train, data.test, *([data.test] * len(attacks))))
-    task = progress.add_task(f"evaluate {cell.id}", total=eval_batches)
+    label = f"cell {cell.id}"
+    # one callback per phase after training: progress (harness.progress) and the stop check (phase_check)
+    evaluating = batch_hook(progress, label, "evaluating", eval_batch_count(data, len(attacks), eval_bs),
+                            phase_check(cell, "evaluating", guard, ckpt_path))
+    checking = batch_hook(progress, label, "running the sanity checks",
+                          lambda: checks_mod.batch_count(attacks, spec["evaluation"].get("checks"), len(data.test),
+                                                         eval_bs),
+                          phase_check(cell, "running the sanity checks", guard, ckpt_path))
+    analysing = batch_hook(progress, label, "analysing", lambda: analysis_mod.batch_count(data, spec),
+                           phase_check(cell, "analysing", guard, ckpt_path))
     timings: dict = {"train": sum(h["seconds"] for h in history)}
     evaluating()
     evaluated = time.perf_counter()
     with performance.evaluation():  # fp32, and on CUDA without TF32 unless the spec's eval_tf32 asks for it
-        metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=on_eval_batch,
+        metrics = evaluate(model, data, attacks, eval_bs, device, on_batch=evaluating,
                            checks=spec["evaluation"].get("checks"), timings=timings,
                            on_checks_batch=checking, seed=spec["seed"])
         timings["evaluate"] = time.perf_counter() - evaluated
-        progress.update(task, visible=False)
+        progress.finish()
         analysed = time.perf_counter()
         if (spec.get("analysis") or {}).get("enabled", False):
             analysing()
-        # the paper's section 4 quantities (None when disabled); the stop request is polled after every batch
+        # the paper's section 4 quantities (None when disabled); the stop request is polled after every batch and
+        # after the spectral norms
         analysis = analyze_cell(model, data, spec, device, on_batch=analysing)
-        if analysis is not None:
-            analysing()  # also after the spectral norms, the last step of the analysis
+        progress.finish()
     if analysis is not None:
         timings["analysis"] = time.perf_counter() - analysed
     result = {
@@ -324,24 +328,17 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     return result
 
 
-def phase_check(cell: Cell, phase: str, guard: InterruptGuard | None, ckpt_path: Path | None,
-                console: Console) -> Callable[[], None]:
+def phase_check(cell: Cell, phase: str, guard: InterruptGuard | None, ckpt_path: Path | None) -> Callable[[], None]:
     """The stop check of one phase after a cell's training (evaluating, the sanity checks, the analysis): called
-    at the phase's start and after each of its batches, it raises Interrupted once a signal came. A signal is
-    thus honoured within one batch: one attack call on at most `evaluation.batch_size` samples (an attack plugin
-    cannot be stopped inside its call). The cell's final training checkpoint is already written, so resuming
-    only re-evaluates. Output that is not a terminal (a log file) gets one line as each phase starts, since it
-    shows no progress bars."""
-    started = False
+    at the phase's start and after each of its batches (through harness.progress.batch_hook, which also shows the
+    phase's progress and announces it only after this check), it raises Interrupted once a signal came. A signal
+    is thus honoured within one batch: one attack call on at most `evaluation.batch_size` samples (an attack
+    plugin cannot be stopped inside its call). The cell's final training checkpoint is already written, so
+    resuming only re-evaluates."""
 
     def check() -> None:
-        nonlocal started
         if guard is not None and guard.requested():
             raise guard.interrupted(f"cell {cell.id} stopped while {phase}; its trained state is in {ckpt_path}")
-        if not started:  # announced after the check: a signal sent on seeing the line is honoured by a batch's poll
-            started = True
-            if not console.is_terminal:
-                console.print(f"cell {cell.id}: {phase}", highlight=False, markup=False)
 
     return check
 
@@ -373,6 +370,16 @@ def cell_lock(out_dir: Path, cell: Cell, console: Console, guard: InterruptGuard
         yield
 
 
+def trained_fully(ckpt_path: Path, training: dict) -> bool:
+    """Whether the checkpoint holds a cell's finished training (written after its last epoch): resuming from it
+    only evaluates again, as after a change of the evaluation or an interruption after training."""
+    try:
+        state = checkpoint.load(ckpt_path, mmap=True)
+    except HarnessError:
+        return False
+    return state["epoch"] >= training["epochs"] and state["step"] == 0
+
+
 @contextlib.contextmanager
 def saying_last_good_checkpoint(cell: Cell, ckpt_path: Path) -> Iterator[None]:
     """A WriteFailed (full or read-only disk) while running `cell` names the cell's last good checkpoint."""
@@ -389,14 +396,9 @@ def saying_last_good_checkpoint(cell: Cell, ckpt_path: Path) -> Iterator[None]:
                               f"step {state['step']}): the same command resumes from it")
 
 
-def make_progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True)
-
-
 def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cell_ids: list[str] | None = None,
         fresh: bool = False, force: bool = False, on_report: Callable[[dict], None] | None = None,
-        overrides: list[str] | None = None) -> dict | None:
+        overrides: list[str] | None = None, keep_checkpoints: bool = False) -> dict | None:
     """Run every cell of a validated spec (or those of `cell_ids`); write cells/<id>.json and report.json under
     out_dir; return the report.
 
@@ -406,6 +408,8 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
     `--cell` jobs merge). Under torchrun, only rank 0 evaluates and writes; the other ranks return None.
     `on_report(report)` is called while report.json is still locked (the CLI writes the figures there).
     `overrides`: the `--set PATH=VALUE` overrides the spec was validated with, recorded in the report.
+    A smoke run deletes each cell's checkpoint once the cell's result is written (a pipeline check need not keep
+    hundreds of MB of weights), unless `keep_checkpoints`; until then an interrupted smoke run resumes as any run.
 
     Several jobs may share out_dir: a cell is run by one job at a time (`cell_lock`; a second job on the same
     cell waits, then keeps or resumes what the first left), and report.json is rebuilt under a lock.
@@ -455,13 +459,15 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
     if data.stand_in:
         console.print("[yellow]stand-in data: synthetic images replace the real dataset; numbers are not results[/yellow]")
     cells = []
-    with make_progress(console) as progress, InterruptGuard(hold_after_stop=distributed is not None) as guard, \
+    overall = Overall(len(selected), sum(decisions[c.id] != "skip" for c in selected))
+    with Phases(console) as progress, InterruptGuard(hold_after_stop=distributed is not None) as guard, \
             contextlib.ExitStack() as held:
         stop = runtime.stop_check(guard)
-        for cell in selected:
+        for index, cell in enumerate(selected, start=1):
             result_path, ckpt_path = checkpoint.cell_paths(out_dir, cell.id)
             if stop():
                 raise guard.interrupted(f"stopped before cell {cell.id}")
+            planned = decisions[cell.id]
             held.close()  # one cell lock at a time, taken in plan order: jobs never wait for each other in a cycle
             held.enter_context(cell_lock(out_dir, cell, console, guard, distributed))
             # decided again under the lock: another job may have finished (or started) this cell since the plan
@@ -475,16 +481,24 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                     kept = None
                 if kept is not None:
                     cells.append(kept)
+                    if planned != "skip":
+                        overall.kept()
                     console.print(f"cell {cell.id}: finished earlier under the same spec, kept ({result_path})")
                     continue
+            console.print(overall.starting(index, cell.id), markup=False, highlight=False)
             if decisions[cell.id] == "resume":
-                console.print(f"cell {cell.id}: resuming from {ckpt_path}")
+                if trained_fully(ckpt_path, spec["training"]):
+                    console.print(f"cell {cell.id}: re-evaluating (training unchanged): the trained state in "
+                                  f"{ckpt_path} is kept", markup=False, highlight=False, soft_wrap=True)
+                else:
+                    console.print(f"cell {cell.id}: resuming from {ckpt_path}")
+            began = time.perf_counter()
             try:
                 result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard, force=force)
             except WriteFailed:
                 raise  # a full or read-only disk stops the run (exit 1): no later cell could be saved either
             except RunFailure as exc:
-                console.print(f"[red]cell {cell.id} failed:[/red] {exc}")
+                progress.drop()
                 result = {"id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
                           "defense": spec["defense"]["name"], "strength": cell.strength, "status": "failed",
                           "error": str(exc), "spec_digest": spec_digest(spec)}
@@ -498,14 +512,10 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                     result["paper"] = reference
             result = integrity.write_cell(result_path, result)  # with its checksum
             cells.append(result)
-            if result["status"] == "done":
-                m = result["metrics"]
-                console.print(f"cell {cell.id}: acc {m['clean_acc']:.2f}%  GE {m['ge']:.4f}  "
-                              f"PGD {m['pgd_acc']:.2f}%  ({result['seconds']:.1f} s)")
-                for flag, value in (m.get("checks") or {}).get("flags", {}).items():
-                    if value["ok"] is False:
-                        console.print(f"[yellow]cell {cell.id}: check {flag} raised:[/yellow] "
-                                      f"{rich_escape(value['detail'])}", highlight=False)
+            overall.finished(time.perf_counter() - began)
+            if smoke and not keep_checkpoints and result["status"] == "done":
+                ckpt_path.unlink(missing_ok=True)  # its result is written: a smoke run keeps no weights unless asked
+            render_cell_summary(result, console)
     if distributed is not None:
         distributed.shutdown()
         if not distributed.is_main:

@@ -135,7 +135,7 @@ def test_finished_cells_are_skipped_and_evaluation_changes_do_not_retrain(small_
 
     small_spec["evaluation"]["attacks"][0]["options"]["steps"] = 2  # evaluation only: re-evaluate, no training
     reeval = invoke("run", write_spec(small_spec), "--out", out)
-    assert reeval.exit_code == 0 and reeval.output.count("resuming from") == 2
+    assert reeval.exit_code == 0 and reeval.output.count("re-evaluating (training unchanged)") == 2
     result = cell_result(out)
     assert result["resumed_from"] == {"epoch": 3, "step": 0}
     assert result["history"] == json.loads(before[f"{CELL}.json"])["history"]

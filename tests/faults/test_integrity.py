@@ -193,7 +193,7 @@ def test_a_cell_file_of_the_wrong_shape_is_re_evaluated(copy_of, finished, conte
     result = invoke("run", spec_path, "--out", out)
     assert result.exit_code == 0, result.output
     assert f"ignoring {path}" in result.output and "re-evaluat" in result.output
-    assert f"cell {CELL}: resuming from" in result.output
+    assert f"cell {CELL}: re-evaluating (training unchanged)" in result.output  # from the finished checkpoint
     assert comparable(read_report(out)) == comparable(read_report(finished[1]))
 
 
