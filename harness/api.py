@@ -129,9 +129,11 @@ def prepare_run(spec: SpecSource, out: str | PathLike | None = None, *, override
 
 def execute_run(spec: dict, out_dir: Path, console: "Console", *, smoke: bool = False,
                 cells: str | Iterable[str] | None = None, fresh: bool = False, force: bool = False,
-                overrides: list[str] | None = None, figures: bool = True) -> tuple[dict | None, list[Path]]:
+                overrides: list[str] | None = None, figures: bool = True,
+                keep_checkpoints: bool = False) -> tuple[dict | None, list[Path]]:
     """Run a spec from prepare_run with harness.runner.run; return the report (None on torchrun ranks but 0) and
-    the figures drawn beside it (while report.json is locked, from the report just written)."""
+    the figures drawn beside it (while report.json is locked, from the report just written). `keep_checkpoints`:
+    a smoke run keeps its cells' checkpoints (harness.runner.run)."""
     from harness.runner import run as run_spec
 
     cell_ids = [cells] if isinstance(cells, str) else list(cells or [])
@@ -143,7 +145,8 @@ def execute_run(spec: dict, out_dir: Path, console: "Console", *, smoke: bool = 
         drawn.extend(write_figures(written, out_dir))
 
     report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=cell_ids, fresh=fresh, force=force,
-                      overrides=overrides or None, on_report=draw if figures else None)
+                      overrides=overrides or None, on_report=draw if figures else None,
+                      keep_checkpoints=keep_checkpoints)
     return report, drawn
 
 

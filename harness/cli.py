@@ -6,6 +6,7 @@ Exit codes: 0 success; 2 bad input (spec, paths, plugin names or options; Click'
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,16 @@ class HarnessGroup(click.Group):
             return super().invoke(ctx)
         except HarnessError as exc:
             _fail(exc)
+        except KeyboardInterrupt as exc:  # Click would print "Aborted!" and exit 1; the shell's convention is 130
+            from harness.interrupt import StoppedAtOnce
+
+            if isinstance(exc, StoppedAtOnce):
+                err_console.print("second SIGINT: stopped at once, without a checkpoint of the current step; the "
+                                  "last checkpoint written stays, and the same command resumes from it",
+                                  style="red", highlight=False, markup=False, soft_wrap=True)
+            else:
+                err_console.print("interrupted by SIGINT", style="red", highlight=False, markup=False)
+            sys.exit(130)
 
 
 @click.group(cls=HarnessGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,10 +86,12 @@ def spec_overrides(command):
               "the spec changed since they were written (refused by default, exit 2).")
 @click.option("--seed", type=click.IntRange(min=0), help="Run with this seed instead of the spec's (default output "
               "folder reports/<spec name>-seed<N>/); `harness report --across-seeds` summarises several seeds.")
+@click.option("--keep-checkpoints", is_flag=True, help="With --smoke: keep each cell's checkpoint (by default a "
+              "smoke run deletes it once the cell's result is written).")
 @spec_overrides
 def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None,
-        cell_ids: tuple[str, ...], fresh: bool, force: bool, seed: int | None, overrides: tuple[str, ...],
-        download: bool) -> None:
+        cell_ids: tuple[str, ...], fresh: bool, force: bool, seed: int | None, keep_checkpoints: bool,
+        overrides: tuple[str, ...], download: bool) -> None:
     """Train and evaluate every cell of SPEC; write report.json and print the table.
 
     Every epoch of every cell is checkpointed under OUT/checkpoints/. Running the same command again skips the
@@ -96,10 +109,12 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
                                              data_root=data_root, seed=seed)
     try:  # figures: drawn by the run while it holds report.json's lock, from the report it wrote
         report, figures = api.execute_run(spec, out_dir, console, smoke=smoke, cells=cell_ids, fresh=fresh,
-                                          force=force, overrides=applied)
-    except Interrupted as exc:
-        again = ["harness", "run", str(spec_path), "--out", str(out_dir)]  # never --fresh: that would start over
+                                          force=force, overrides=applied, keep_checkpoints=keep_checkpoints)
+    except Interrupted as exc:  # the command as the user ran it (invoked_as), but never --fresh: that would start over
+        again = [*invoked_as(), "run", str(spec_path), "--out", str(out_dir)]
         again += (["--smoke"] if smoke else []) + (["--data-root", str(data_root)] if data_root else [])
+        again += ["--keep-checkpoints"] if keep_checkpoints else []
+        again += ["--force"] if force else []  # a checkpoint resumed despite a changed spec needs it again
         again += ["--seed", str(seed)] if seed is not None else []
         again += [arg for override in applied for arg in ("--set", override)]
         again += [arg for cell_id in cell_ids for arg in ("--cell", cell_id)]
@@ -227,7 +242,12 @@ def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bo
                            fix="give the folder with --out DIR, or correct $.spec.name in that report") from exc
     for note in notes:
         err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    from harness.report import render_attack_table, render_cell_summary
+
+    for cell in report["cells"]:  # what `harness run` printed as each cell finished
+        render_cell_summary(cell, console)
     render_table(report, console)
+    render_attack_table(report, console)
     if out_dir is None:
         out_dir = paths[0] if paths[0].is_dir() else paths[0].parent
     if merged:
@@ -407,7 +427,40 @@ def plugins() -> None:
         console.print(f"failed: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
 
 
+_INVOKED_AS: list[str] | None = None  # set by main(): how this process's command line named the harness
+
+
+def invoked_as() -> list[str]:
+    """The words that run the harness as the user ran it, for the commands it prints to be run again (the resume
+    hint): the console script as typed ('harness' when the shell finds that very file on PATH, else the path as
+    given, e.g. .venv/bin/harness), `python -m harness` with the interpreter that runs it ('python' or 'python3'
+    when PATH finds that very interpreter, else its path), `torchrun --nproc_per_node=N -m harness` under
+    torchrun. 'harness' when the CLI is called in-process (tests, the Python API)."""
+    return list(_INVOKED_AS) if _INVOKED_AS else ["harness"]
+
+
+def _found_on_path(name: str, path: str) -> bool:
+    import shutil
+
+    found = shutil.which(name)
+    return found is not None and os.path.abspath(found) == os.path.abspath(path)
+
+
+def _invocation(argv0: str) -> list[str]:
+    if os.path.basename(argv0) == "__main__.py":  # python -m harness (torchrun runs `python -m harness` too)
+        if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_WORLD_SIZE"):
+            return ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}", "-m", "harness"]
+        python = next((name for name in ("python", "python3") if _found_on_path(name, sys.executable)),
+                      sys.executable)
+        return [python, "-m", "harness"]
+    if os.sep not in argv0 or _found_on_path(os.path.basename(argv0), argv0):
+        return [os.path.basename(argv0)]
+    return [argv0]
+
+
 def main() -> None:
+    global _INVOKED_AS
+    _INVOKED_AS = _invocation(sys.argv[0]) if sys.argv and sys.argv[0] else None
     cli(prog_name="harness")
 
 

@@ -3,7 +3,8 @@
 `InterruptGuard` replaces the two handlers while a run is in progress. A signal only sets a flag; the training
 loop polls it at every step boundary (never mid-step), hands a checkpoint over and stops; evaluation polls it at
 every batch (the cell's final training checkpoint is already written, so a resume re-evaluates it). A second
-SIGINT while the first is being honoured raises KeyboardInterrupt at once, as an impatient Ctrl-C expects.
+SIGINT while the first is being honoured raises `StoppedAtOnce` (a KeyboardInterrupt) at once, as an impatient
+Ctrl-C expects; the CLI turns it into exit 130 with one line, no traceback.
 Exit codes follow the shell's convention: 130 for SIGINT, 143 for SIGTERM.
 """
 
@@ -45,6 +46,11 @@ class Interrupted(HarnessError):
         self.exit_code = 128 + int(signum)
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT while the first one was being honoured: the run stops now, without a checkpoint of the
+    current step (the last checkpoint written stays, and the same command resumes from it)."""
+
+
 class InterruptGuard:
     """Context manager: while active, SIGINT/SIGTERM set `signum` instead of killing the process."""
 
@@ -71,7 +77,7 @@ class InterruptGuard:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint of this step
+            raise StoppedAtOnce()  # a second Ctrl-C: stop now, without the checkpoint of this step
         self.signum = signum
         sys.stderr.write(f"\n{signal.Signals(signum).name} received: stopping at the next step boundary (writing a "
                          "checkpoint), or after the current batch when the cell is already trained\n")

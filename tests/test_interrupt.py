@@ -43,7 +43,7 @@ def test_sigterm_to_a_real_run_checkpoints_and_resumes(tiny_spec, tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stdout + stderr
     assert "SIGTERM received" in stderr and "interrupted by SIGTERM: cell lenet__s0 stopped after step" in stderr
-    assert "resume with: harness run spec.json --out out" in stderr and "Traceback" not in stderr
+    assert "-m harness run spec.json --out out" in stderr and "Traceback" not in stderr  # as invoked
     state = checkpoint.load(ckpt)
     assert 1 <= state["epoch"] < epochs and len(state["history"]) == state["epoch"]
     assert not (tmp_path / "out" / "cells" / "lenet__s0.json").exists()

@@ -149,6 +149,6 @@ def test_sigterm_to_a_real_process_during_the_sanity_checks_exits_143_with_the_r
     stdout = "".join(seen) + stdout
     assert proc.returncode == 143, stdout[-3000:] + stderr[-3000:]
     assert f"interrupted by SIGTERM: cell {CELL} stopped while {PHASES[1]}" in stderr, stderr
-    assert "fix: resume with: harness run spec.json --out out" in stderr and "Traceback" not in stdout + stderr
+    assert "-m harness run spec.json --out out" in stderr and "Traceback" not in stdout + stderr  # as invoked
     assert f"cell {CELL}: {PHASES[2]}" not in stdout, "the analysis never started"
     assert checkpoint.load(tmp_path / "out" / "checkpoints" / f"{CELL}.pt")["epoch"] == spec["training"]["epochs"]
