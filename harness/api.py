@@ -250,7 +250,9 @@ def prepare_evaluation(model: "nn.Module | str | PathLike", data_or_spec: SpecSo
         listed = ((raw.get("evaluation") or {}).get("attacks") if isinstance(raw, dict) else None) or []
         count = len(listed) if isinstance(listed, list) else 0
         given.update({f"evaluation.attacks.{i}.eps": eps for i in range(count)})
-    for path, value in (("dataset.max_test", n_examples), ("evaluation.batch_size", batch_size), ("device", device)):
+    if n_examples is not None:  # as RobustBench's n_examples: the first N test samples, not a random subset
+        given.update({"dataset.max_test": n_examples, "dataset.test_subset": "first"})
+    for path, value in (("evaluation.batch_size", batch_size), ("device", device)):
         if value is not None:
             given[path] = value
     if checks is not None:
@@ -356,8 +358,9 @@ def evaluate(model: "nn.Module | str | PathLike", data_or_spec: SpecSource, atta
         `models` are ignored).
     attacks: attack plugin names or spec entries ({"name": ..., "eps": ..., "options": {...}}), replacing the
         spec's; eps: their radius on the 0-255 scale (eps=8 is 8/255; without attacks, every spec attack's eps).
-    n_examples: test samples (dataset.max_test, a seeded subset); batch_size, device ("auto", "cpu", "cuda"),
-        seed: the spec's; checks: False to skip the sanity checks, or the spec's `evaluation.checks` object.
+    n_examples: evaluate the first N test samples, as RobustBench does (dataset.max_test with test_subset
+        "first"); batch_size, device ("auto", "cpu", "cuda"), seed: the spec's; checks: False to skip the
+        sanity checks, or the spec's `evaluation.checks` object.
     label: the model's name in the report (default: its class name). out: write OUT/report.json too (default:
         nothing written). overrides, download, data_root, console, quiet: as for run().
 

@@ -34,7 +34,7 @@ RUN_SPEC = {
 
 EVAL_SPEC = {
     "name": "api-eval", "device": "cpu",
-    "dataset": {"name": "digits", "max_test": 60},
+    "dataset": {"name": "digits", "max_test": 60, "test_subset": "first"},
     "models": [{"name": "lenet", "options": {"spectral_norm": True}}],
     "evaluation": {"batch_size": 128, "checks": {"enabled": False},
                    "attacks": [{"name": "advertorch-pgd", "eps": 16, "options": {"steps": 3}},
@@ -119,19 +119,25 @@ def test_evaluate_in_memory_matches_cli_eval_of_the_saved_weights(trained, tmp_p
                                  out=tmp_path / "api")
     assert _accuracies(one_liner) == expected
     assert one_liner["cells"][0]["id"] == "mine__module"
-    assert one_liner["overrides"][1:] == ["dataset.max_test=60", "evaluation.batch_size=128",
-                                          'evaluation.checks={"enabled": false}']
+    assert one_liner["overrides"][1:] == ["dataset.max_test=60", 'dataset.test_subset="first"',
+                                          "evaluation.batch_size=128", 'evaluation.checks={"enabled": false}']
     assert json.loads((tmp_path / "api" / "report.json").read_text()) == one_liner
 
     # weights on disk through the API: exactly `harness eval`
     from_file = harness.evaluate(weights, EVAL_SPEC, quiet=True)
     assert _accuracies(from_file) == expected and from_file["checkpoint"]["path"] == str(weights)
 
-    # eps without attacks moves the spec's attacks; n_examples is the test subset
-    small = harness.evaluate(model, EVAL_SPEC, eps=0, n_examples=20, quiet=True)
+    # eps without attacks moves the spec's attacks; n_examples takes the first N test samples, as RobustBench's
+    spec = {**EVAL_SPEC, "dataset": {"name": "digits"}}
+    small = harness.evaluate(model, spec, eps=0, n_examples=20, quiet=True)
     clean, attacked = _accuracies(small)
     assert small["data"]["test_size"] == 20 and set(attacked) == {"advertorch-pgd@0", "foolbox-fgsm@0"}
     assert all(acc == clean for acc in attacked.values())  # eps 0 leaves every correct sample correct
+    test = load_data(spec_mod.validate({**copy.deepcopy(RUN_SPEC), "dataset": {"name": "digits"}})).test
+    with torch.no_grad():
+        first = (model.eval()(test.images[:20].float()).argmax(1) == test.labels[:20]).float().mean().item()
+    model.train()
+    assert clean == pytest.approx(100 * first)
 
 
 def test_bad_input_raises_badinput_with_the_json_path(trained, tmp_path):
