@@ -405,8 +405,16 @@ def status_command(out_dir: Path, watch: bool, interval: float) -> None:
 
 
 @cli.command()
-def plugins() -> None:
-    """List every plugin of every group with the distribution providing it; try loading each."""
+@click.argument("name", required=False)
+def plugins(name: str | None) -> None:
+    """List every plugin of every group with the distribution providing it; try loading each.
+
+    With NAME (a plugin's name, e.g. `harness plugins autoattack` or `harness plugins timm:resnet18`): that
+    plugin's options, each with its type, default and description, as a spec's `options` takes them.
+    """
+    if name is not None:
+        _show_plugin(name)
+        return
     table = Table(title="harness plugins", title_justify="left")
     for col in ("group", "name", "provided by", "target", "status"):
         table.add_column(col, overflow="fold", min_width=16 if col == "group" else None)  # group names whole
@@ -425,6 +433,36 @@ def plugins() -> None:
     (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
     for message in failures:
         console.print(f"failed: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+
+
+def _show_plugin(name: str) -> None:
+    """`harness plugins NAME`: each plugin of that name (one per kind) with its options from its options_schema."""
+    from harness.errors import BadInput
+
+    kinds = registry.kinds_named(name)
+    if not kinds:
+        names = sorted({n for kind in registry.KINDS for n in registry.discover(kind)})
+        raise BadInput(registry.unknown_name_message("plugin", name, names),
+                       fix="run `harness plugins` for every installed plugin with its group")
+    wide = console if console.is_terminal else Console(width=max(console.width, 160))  # as the listing's table
+    for kind in kinds:
+        info = registry.resolve(kind, name)
+        plugin = registry.load(kind, name)  # a plugin failing to import: its BadInput, exit 2
+        summary = ((getattr(plugin, "__doc__", None) or "").strip().splitlines() or [""])[0]
+        wide.print(f"{kind} {name} ({info.target}, from {info.provider})", markup=False, highlight=False)
+        if summary:
+            wide.print(summary, markup=False, highlight=False)
+        rows = registry.option_rows(getattr(plugin, "options_schema", None) or {})
+        if not rows:
+            wide.print("options: none", markup=False, highlight=False)
+            continue
+        table = Table(title=f"options of {kind} {name}", title_justify="left")
+        for col in ("option", "type", "default", "description"):
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        wide.print(table)
+
 
 
 _INVOKED_AS: list[str] | None = None  # set by main(): how this process's command line named the harness

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import traceback
 from contextlib import contextmanager
@@ -212,3 +213,46 @@ def create(kind: str, name: str, **options):
 def loaded_plugins() -> list[PluginInfo]:
     """The plugins this process has loaded so far, with their distributions (for the report's environment)."""
     return [resolve(kind, name) for kind, name in sorted(_LOADED)]
+
+
+def kinds_named(name: str) -> list[str]:
+    """The kinds with a plugin registered as `name` (or as the base of the variant `name`), without importing."""
+    base, suffix = split_variant(name)
+    return [kind for kind in KINDS
+            if name in (found := discover(kind)) or (suffix is not None and base in found)]
+
+
+def _type_text(schema: dict) -> str:
+    """A JSON Schema of one option as a short phrase: 'integer >= 1', 'one of "eval", "train"', 'array of ...'."""
+    if "enum" in schema:
+        return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return " or ".join(_type_text(sub) for sub in schema[key])
+    kind = schema.get("type", "any")
+    text = " or ".join(kind) if isinstance(kind, list) else kind
+    if kind == "array" and isinstance(schema.get("items"), dict):
+        text = f"array of {_type_text(schema['items'])}"
+        if "minItems" in schema and schema.get("minItems") == schema.get("maxItems"):
+            text = f"{text} (exactly {schema['minItems']})"
+        elif "minItems" in schema or "maxItems" in schema:
+            text = f"{text} ({schema.get('minItems', 0)} to {schema.get('maxItems', 'any number')})"
+    bounds = [(">=", "minimum"), (">", "exclusiveMinimum"), ("<=", "maximum"), ("<", "exclusiveMaximum")]
+    limits = [f"{op} {schema[key]}" for op, key in bounds if key in schema]
+    return f"{text} {', '.join(limits)}" if limits else text
+
+
+def option_rows(schema: dict) -> list[tuple[str, str, str, str]]:
+    """(option, type, default, description) for each property of a plugin's options_schema, as `harness plugins
+    NAME` prints them. Default: the schema's (JSON), '(required)', or '-' where the plugin's code decides."""
+    required = set(schema.get("required", ()))
+    rows = []
+    for option, sub in (schema.get("properties") or {}).items():
+        if "default" in sub:
+            default = json.dumps(sub["default"])
+        else:
+            default = "(required)" if option in required else "-"
+        rows.append((option, _type_text(sub), default, " ".join(str(sub.get("description", "")).split())))
+    return rows
