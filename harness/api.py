@@ -130,10 +130,11 @@ def prepare_run(spec: SpecSource, out: str | PathLike | None = None, *, override
 def execute_run(spec: dict, out_dir: Path, console: "Console", *, smoke: bool = False,
                 cells: str | Iterable[str] | None = None, fresh: bool = False, force: bool = False,
                 overrides: list[str] | None = None, figures: bool = True,
-                keep_checkpoints: bool = False) -> tuple[dict | None, list[Path]]:
+                keep_checkpoints: bool = False, formats: Iterable[str] = ("png",)) -> tuple[dict | None, list[Path]]:
     """Run a spec from prepare_run with harness.runner.run; return the report (None on torchrun ranks but 0) and
     the figures drawn beside it (while report.json is locked, from the report just written). `keep_checkpoints`:
-    a smoke run keeps its cells' checkpoints (harness.runner.run)."""
+    a smoke run keeps its cells' checkpoints (harness.runner.run). `formats`: the figures' file formats
+    (harness.figures.FORMATS)."""
     from harness.runner import run as run_spec
 
     cell_ids = [cells] if isinstance(cells, str) else list(cells or [])
@@ -142,7 +143,7 @@ def execute_run(spec: dict, out_dir: Path, console: "Console", *, smoke: bool = 
     def draw(written: dict) -> None:
         from harness.figures import write_figures
 
-        drawn.extend(write_figures(written, out_dir))
+        drawn.extend(write_figures(written, out_dir, formats=tuple(formats)))
 
     report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=cell_ids, fresh=fresh, force=force,
                       overrides=overrides or None, on_report=draw if figures else None,

@@ -58,6 +58,13 @@ def cli() -> None:
     """
 
 
+def figure_format_option(command):
+    """--format png,pdf,svg of the commands that draw Figures 2-4 (harness.figures.parse_formats checks it)."""
+    return click.option("--format", "figure_formats", default="png", show_default=True, metavar="FORMATS",
+                        help="The figures' file formats, a comma-separated list of png, pdf and svg (vector "
+                             "formats for papers): --format png,pdf.")(command)
+
+
 def spec_overrides(command):
     """The options of every command that reads a spec: --set PATH=VALUE (repeatable) and --download
     (harness.spec.apply_overrides; applied before validation and recorded in the report)."""
@@ -88,10 +95,11 @@ def spec_overrides(command):
               "folder reports/<spec name>-seed<N>/); `harness report --across-seeds` summarises several seeds.")
 @click.option("--keep-checkpoints", is_flag=True, help="With --smoke: keep each cell's checkpoint (by default a "
               "smoke run deletes it once the cell's result is written).")
+@figure_format_option
 @spec_overrides
 def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None,
         cell_ids: tuple[str, ...], fresh: bool, force: bool, seed: int | None, keep_checkpoints: bool,
-        overrides: tuple[str, ...], download: bool) -> None:
+        overrides: tuple[str, ...], download: bool, figure_formats: str) -> None:
     """Train and evaluate every cell of SPEC; write report.json and print the table.
 
     Every epoch of every cell is checkpointed under OUT/checkpoints/. Running the same command again skips the
@@ -102,20 +110,24 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
     import shlex
 
     from harness import api
+    from harness.figures import parse_formats
     from harness.interrupt import Interrupted
     from harness.report import render_table
 
+    formats = parse_formats(figure_formats)  # before anything runs: a typo costs no training
     spec, out_dir, applied = api.prepare_run(spec_path, out_dir, overrides=overrides, download=download, smoke=smoke,
                                              data_root=data_root, seed=seed)
     try:  # figures: drawn by the run while it holds report.json's lock, from the report it wrote
         report, figures = api.execute_run(spec, out_dir, console, smoke=smoke, cells=cell_ids, fresh=fresh,
-                                          force=force, overrides=applied, keep_checkpoints=keep_checkpoints)
+                                          force=force, overrides=applied, keep_checkpoints=keep_checkpoints,
+                                          formats=formats)
     except Interrupted as exc:  # the command as the user ran it (invoked_as), but never --fresh: that would start over
         again = [*invoked_as(), "run", str(spec_path), "--out", str(out_dir)]
         again += (["--smoke"] if smoke else []) + (["--data-root", str(data_root)] if data_root else [])
         again += ["--keep-checkpoints"] if keep_checkpoints else []
         again += ["--force"] if force else []  # a checkpoint resumed despite a changed spec needs it again
         again += ["--seed", str(seed)] if seed is not None else []
+        again += ["--format", ",".join(formats)] if formats != ("png",) else []
         again += [arg for override in applied for arg in ("--set", override)]
         again += [arg for cell_id in cell_ids for arg in ("--cell", cell_id)]
         exc.fix = "resume with: " + " ".join(shlex.quote(a) for a in again)
@@ -178,7 +190,8 @@ def validate(spec_path: Path, overrides: tuple[str, ...], download: bool) -> Non
     console.print(f"{spec_path}: valid. {len(cells)} cell(s): " + ", ".join(c.id for c in cells), highlight=False)
 
 
-def _write_figures(report: dict, out_dir: Path, paths: list[Path] | None = None) -> None:
+def _write_figures(report: dict, out_dir: Path, paths: list[Path] | None = None,
+                   formats: tuple[str, ...] = ("png",)) -> None:
     """The analysis table (when cells have an analysis) and Figures 2-4 beside the report (`paths`: already drawn)."""
     from harness.analysis import render_analysis_table
     from harness.figures import write_figures
@@ -187,7 +200,7 @@ def _write_figures(report: dict, out_dir: Path, paths: list[Path] | None = None)
     render_analysis_table(report, console)
     if paths is None:
         with locked(report_lock(out_dir)):  # one writer of a folder's report and figures at a time
-            paths = write_figures(report, out_dir)
+            paths = write_figures(report, out_dir, formats=formats)
     if paths:
         console.print("figures: " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
 
@@ -198,10 +211,12 @@ def _write_figures(report: dict, out_dir: Path, paths: list[Path] | None = None)
               help="Folder for the figures (and, when several reports merge, the merged report.json); "
                    "default: DIR itself when nothing is merged, else reports/<spec name>-merged/.")
 @click.option("--no-figures", is_flag=True, help="Only print the table.")
+@figure_format_option
 @click.option("--across-seeds", is_flag=True, help="The DIRs are runs of one spec with different seeds "
               "(`harness run SPEC --seed N`): print mean ± sd per cell and write seeds.json and Figures 2-4 with "
               "error bars (default folder reports/<spec name>-seeds/).")
-def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bool, across_seeds: bool) -> None:
+def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bool, across_seeds: bool,
+                   figure_formats: str) -> None:
     """Print the table and redraw Figures 2-4 of saved reports, without recomputing anything.
 
     Each DIR is the output folder of `harness run` (or a report.json file). The cells of several DIRs, such as
@@ -209,7 +224,10 @@ def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bo
     the later one. With --across-seeds the DIRs are seeds of one experiment instead, summarised cell by cell.
     """
     from harness import merge
+    from harness.figures import parse_formats
     from harness.report import render_table, write_json_atomic
+
+    formats = parse_formats(figure_formats)
 
     if across_seeds:
         from harness import seeds
@@ -225,7 +243,7 @@ def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bo
         if not no_figures:
             from harness.figures import make_seed_figures, write_figures
 
-            paths = write_figures(summary, out_dir, make_seed_figures(summary))
+            paths = write_figures(summary, out_dir, make_seed_figures(summary), formats=formats)
             console.print("figures: " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
         return
 
@@ -261,7 +279,7 @@ def report_command(paths: tuple[Path, ...], out_dir: Path | None, no_figures: bo
 
         render_analysis_table(report, console)
     else:
-        _write_figures(report, out_dir)
+        _write_figures(report, out_dir, formats=formats)
 
 
 @cli.command()

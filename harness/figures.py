@@ -1,4 +1,4 @@
-"""The paper's Figures 2-4 from a report, as PNG files beside report.json.
+"""The paper's Figures 2-4 from a report, as PNG (and/or PDF, SVG: `--format png,pdf,svg`) files beside report.json.
 
 - fig2_ge.png: GE (test - train cross-entropy) against defensive strength, a line per model;
 - fig3_loss_variation.png: the maximal loss variation in the eps-ball of correctly classified training samples
@@ -7,17 +7,56 @@
 Where a cell carries the paper's published values (a `paper` object with `ge` / `pgd`), they are drawn as stars
 on a dotted line beside the measured ones.
 
+The x ticks are the trained strengths; an axis of one strength does not extend below 0. Titles describe the
+experiment (dataset, model labels, defense), not the spec's file name.
+
 Only matplotlib's object-oriented API with the Agg canvas is used (no pyplot): no display, no global backend switch.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Callable
 
+from harness.errors import BadInput
 from harness.paths import write_atomic
 
 STRENGTH_LABEL = "defensive strength ε (L∞, 0–255 scale)"
+FORMATS = ("png", "pdf", "svg")  # what matplotlib's Agg/PDF/SVG backends write without extra dependencies
+# pdf/svg embed the date by default: leave it out, so the same report draws byte-identical files
+_METADATA = {"png": None, "pdf": {"CreationDate": None}, "svg": {"Date": None}}
+
+# Readable names of the built-in datasets and defenses for titles; other plugins appear under their own name.
+DATASET_TITLES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tiny-imagenet": "Tiny ImageNet",
+                  "digits": "digits (8×8)", "synthetic": "synthetic data"}
+DEFENSE_TITLES = {"none": "standard training", "pgd-at": "PGD adversarial training", "trades": "TRADES",
+                  "fgsm-rs": "FGSM training with random start"}
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """`--format png,pdf,svg` -> ('png', 'pdf', 'svg'): a comma list of FORMATS, in order, without repeats."""
+    import difflib
+
+    formats: list[str] = []
+    for item in (part.strip().lower().lstrip(".") for part in str(text).split(",")):
+        if item not in FORMATS:
+            close = difflib.get_close_matches(item, FORMATS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise BadInput(f"--format {text!r}: {item!r} is not a figure format{hint}",
+                           fix=f"give a comma-separated list of {', '.join(FORMATS)}, e.g. --format png,pdf")
+        if item not in formats:
+            formats.append(item)
+    return tuple(formats)
+
+
+def describe_experiment(spec: dict) -> str:
+    """'MNIST · LeNet, VGG16 · PGD adversarial training': dataset, the models' labels, the defense."""
+    dataset = spec["dataset"]["name"]
+    models = ", ".join(m.get("label") or m["name"] for m in spec.get("models", []))
+    defense = spec.get("defense")
+    trained = DEFENSE_TITLES.get(defense["name"], defense["name"]) if defense else "given weights"
+    return " · ".join(part for part in (DATASET_TITLES.get(dataset, dataset), models, trained) if part)
 
 
 def _paper_value(cell: dict, *keys: str) -> float | None:
@@ -69,6 +108,7 @@ def _plot(title: str, ylabel: str, measured: dict, paper: dict | None = None, no
         xs, ys = zip(*points)
         ax.plot(xs, ys, linestyle=":", marker="*", markersize=12, color=colors.get(model),
                 label=f"{model}: paper")
+    _strength_axis(ax, [x for series in (measured, paper or {}) for points in series.values() for x, _ in points])
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(STRENGTH_LABEL)
     ax.set_ylabel(ylabel)
@@ -81,11 +121,25 @@ def _plot(title: str, ylabel: str, measured: dict, paper: dict | None = None, no
     return fig
 
 
+def _strength_axis(ax, strengths: list[float]) -> None:
+    """Ticks at the trained strengths (not matplotlib's 0, 5, 10, ...); one strength gets an axis around it that
+    does not reach below 0 (matplotlib would centre a lone 0 on -0.05..0.05)."""
+    ticks = sorted(set(strengths))
+    if not ticks:
+        return
+    ax.set_xticks(ticks, labels=[f"{t:g}" for t in ticks], rotation=45 if len(ticks) > 10 else 0)
+    if len(ticks) == 1:
+        (s,) = ticks
+        pad = max(1.0, abs(s) * 0.25)
+        ax.set_xlim(max(0.0, s - pad) if s >= 0 else s - pad, s + pad)
+        for artist in ax.lines:  # a point at the left edge (strength 0) is drawn whole, not cut by the frame
+            artist.set_clip_on(False)
+
+
 def make_figures(report: dict) -> dict[str, object]:
     """file name -> matplotlib Figure, for each figure the report has data for."""
     spec = report["spec"]
-    where = f"{spec['name']}: {spec['dataset']['name']}, " + (f"defense {spec['defense']['name']}" if spec.get("defense")
-                                                              else "given weights")
+    where = describe_experiment(spec)
     if report.get("smoke"):
         where += " [SMOKE RUN: not a result]"
     figures = {}
@@ -115,8 +169,7 @@ def make_figures(report: dict) -> dict[str, object]:
 def make_seed_figures(summary: dict) -> dict[str, object]:
     """Figures 2-4 of an across-seeds summary (harness.seeds): the mean over seeds with ± one sd as error bars."""
     spec = summary["spec"]
-    where = (f"{spec['name']}: {spec['dataset']['name']}, defense {spec['defense']['name']}, "
-             f"seeds {', '.join(map(str, summary['seeds']))}")
+    where = f"{describe_experiment(spec)} · seeds {', '.join(map(str, summary['seeds']))}"
     if summary.get("smoke"):
         where += " [SMOKE RUNS: not a result]"
 
@@ -143,8 +196,11 @@ def make_seed_figures(summary: dict) -> dict[str, object]:
     return figures
 
 
-def write_figures(report: dict, out_dir: Path, figures: dict[str, object] | None = None) -> list[Path]:
-    """Write the report's figures (or the given ones) as PNG into out_dir; return their paths."""
+def write_figures(report: dict, out_dir: Path, figures: dict[str, object] | None = None,
+                  formats: tuple[str, ...] | list[str] = ("png",)) -> list[Path]:
+    """Write the report's figures (or the given ones) into out_dir, one file per figure and format (FORMATS;
+    fig2_ge.png, fig2_ge.pdf, ...); return their paths."""
+    from matplotlib import rc_context
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out_dir = Path(out_dir)
@@ -152,9 +208,16 @@ def write_figures(report: dict, out_dir: Path, figures: dict[str, object] | None
     paths = []
     for name, fig in (make_figures(report) if figures is None else figures).items():
         FigureCanvasAgg(fig)
-        path = out_dir / name
-        # atomically through a temporary file of its own (harness.paths): readers never see half a file, and two
-        # jobs drawing into one folder never share a temporary file
-        write_atomic(path, lambda fh, fig=fig: fig.savefig(fh, format="png"))
-        paths.append(path)
+        for fmt in formats:
+            path = out_dir / f"{Path(name).stem}.{fmt}"
+            # atomically through a temporary file of its own (harness.paths): readers never see half a file, and
+            # two jobs drawing into one folder never share a temporary file
+            # drawn in memory first: the PDF and SVG backends accept only real files or file-likes with
+            # tell/seek, not write_atomic's counting wrapper
+            # (svg.hashsalt: fixed clip-path ids instead of random ones, for reproducible SVG files)
+            buffer = io.BytesIO()
+            with rc_context({"svg.hashsalt": "harness"}):
+                fig.savefig(buffer, format=fmt, metadata=_METADATA[fmt])
+            write_atomic(path, lambda fh, data=buffer.getvalue(): fh.write(data))
+            paths.append(path)
     return paths
