@@ -16,8 +16,9 @@ class Digits(DatasetPlugin):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "test_fraction": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 0.2},
-            "split_seed": {"type": "integer", "minimum": 0, "default": 0},
+            # the stratified split needs at least one sample of each of the 10 classes on both sides (1797 images)
+            "test_fraction": {"type": "number", "minimum": 0.01, "maximum": 0.99, "default": 0.2},
+            "split_seed": {"type": "integer", "minimum": 0, "maximum": 4294967295, "default": 0},
             "resize": {"description": "Side length to resize the 8x8 images to (bilinear); null keeps 8.",
                        "type": ["integer", "null"], "minimum": 4, "maximum": 256, "default": None},
         },

@@ -32,7 +32,7 @@ class Synthetic(DatasetPlugin):
             "test_size": {"type": "integer", "minimum": 1, "default": 256},
             "noise": {"description": "Standard deviation of the noise around each class prototype.",
                       "type": "number", "minimum": 0, "default": 0.3},
-            "seed": {"type": "integer", "minimum": 0, "default": 0},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295, "default": 0},
         },
     }
 

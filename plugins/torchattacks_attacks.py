@@ -75,7 +75,7 @@ class AutoAttack(AttackPlugin):
                         "enum": ["standard", "plus", "rand"], "default": "standard"},
             "seed": {"description": "Seed of every component's random starts (the reference seeds each attack "
                                     "with it).",
-                     "type": "integer", "minimum": 0, "default": 0},
+                     "type": "integer", "minimum": 0, "maximum": 4294967295, "default": 0},
         },
     }
 
@@ -127,7 +127,7 @@ class Square(AttackPlugin):
             "restarts": {"description": "Independent restarts.", "type": "integer", "minimum": 1, "default": 1},
             "p_init": {"description": "Initial fraction of pixels changed per square.", "type": "number",
                        "exclusiveMinimum": 0, "maximum": 1, "default": 0.8},
-            "seed": {"type": "integer", "minimum": 0, "default": 0},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295, "default": 0},
         },
     }
 
