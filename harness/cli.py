@@ -91,7 +91,7 @@ def spec_overrides(command):
               "output folder first (by default finished cells are kept and interrupted ones resume).")
 @click.option("--force", is_flag=True, help="Resume from checkpoints even though the training-relevant part of "
               "the spec changed since they were written (refused by default, exit 2).")
-@click.option("--seed", type=click.IntRange(min=0), help="Run with this seed instead of the spec's (default output "
+@click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), help="Run with this seed instead of the spec's (default output "
               "folder reports/<spec name>-seed<N>/); `harness report --across-seeds` summarises several seeds.")
 @click.option("--keep-checkpoints", is_flag=True, help="With --smoke: keep each cell's checkpoint (by default a "
               "smoke run deletes it once the cell's result is written).")
@@ -365,7 +365,7 @@ def selftest(device_choice: str, out_dir: Path | None) -> None:
 @click.option("--data-root", type=click.Path(path_type=Path, file_okay=False),
               help="Folder holding the datasets, as for `harness run`.")
 @click.option("--smoke", is_flag=True, help="Submit the smoke version of SPEC, as `harness run --smoke`.")
-@click.option("--seed", type=click.IntRange(min=0), help="Run with this seed, as `harness run --seed`.")
+@click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), help="Run with this seed, as `harness run --seed`.")
 @click.option("--dry-run", is_flag=True, help="Print what would be submitted; submit nothing.")
 @spec_overrides
 def submit(spec_path: Path, out_dir: Path | None, executor: str | None, cell_ids: tuple[str, ...],
