@@ -231,8 +231,14 @@ def batch_count(data: DataSplits, attacks: int, batch_size: int) -> int:
 
 def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, AttackPlugin]], batch_size: int,
              device: torch.device, on_batch: Callable[[], None] | None = None, checks: dict | None = None,
-             timings: dict | None = None, seed: int = 0, on_checks_batch: Callable[[], None] | None = None) -> dict:
+             timings: dict | None = None, seed: int = 0, on_checks_batch: Callable[[], None] | None = None,
+             finished: dict | None = None, on_attack: Callable[[str, torch.Tensor, dict], None] | None = None) -> dict:
     """The metrics of one cell (accuracies in percent, as the paper prints them).
+
+    `finished` maps attack labels to (per-sample robustness, report entry) of attacks already run on this model and
+    test split (harness eval's resume after an interruption): they are taken as they are, not run again.
+    `on_attack(label, robust, metrics)` is called after each attack that ran, with its per-sample robustness and
+    the metrics so far (harness eval records what is done).
 
     `on_batch` is called after every batch of the evaluation, `on_checks_batch` once before the sanity checks and
     after every batch of them (the runner's progress and stop checks).
@@ -255,10 +261,15 @@ def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Attac
     }
     per_sample = {}
     for entry, attack in attacks:
+        if finished and entry["label"] in finished:
+            per_sample[entry["label"]], metrics["attacks"][entry["label"]] = finished[entry["label"]]
+            continue
         started = time.perf_counter()
         per_sample[entry["label"]], metrics["attacks"][entry["label"]] = per_sample_robust(
             model, entry, attack, data.test, correct, data, batch_size, device, on_batch, seed=seed)
         timings.setdefault("attacks", {})[entry["label"]] = time.perf_counter() - started
+        if on_attack is not None:
+            on_attack(entry["label"], per_sample[entry["label"]], metrics)
     first = attacks[0][0]["label"] if attacks else None
     metrics["pgd_acc"] = metrics["attacks"][first]["acc"] if first else None
     metrics["worst_case"] = worst_case([e for e, _ in attacks], per_sample, len(correct))

@@ -152,8 +152,8 @@ def evaluate_model(spec: dict, model: nn.Module, data, device: torch.device, out
                   f"{rich_escape(label)} on {device}; {len(data.test)} test samples")
     started = time.perf_counter()
     with Performance.from_spec(spec.get("performance"), device).evaluation():  # on CUDA: TF32 only if eval_tf32
-        metrics = evaluate(model, data, attacks, spec["evaluation"]["batch_size"], device,
-                           checks=spec["evaluation"].get("checks"), seed=spec["seed"])
+        metrics = evaluate_resumable(spec, model, data, attacks, device, console, label=label, out_dir=out_dir,
+                                     weights_sha256=(record.get("checkpoint") or {}).get("sha256"))
     cell = {"id": f"{label}__{cell_suffix}", "model": label, "model_name": model_name,
             "defense": cell_suffix, "strength": 0, "status": "done", "seconds": time.perf_counter() - started,
             "parameters": sum(p.numel() for p in model.parameters()), "history": [], "metrics": metrics}
@@ -163,3 +163,110 @@ def evaluate_model(spec: dict, model: nn.Module, data, device: torch.device, out
     if out_dir is not None:
         write_json_atomic(out_dir / "report.json", report)
     return report
+
+
+# --------------------------------------------------------------------------------------- stopping and resuming
+# `harness eval` of a large model can run for hours: SIGINT/SIGTERM stop it within one batch, after writing what
+# is done (the clean pass and each finished attack, with its per-sample outcomes) to OUT/eval-progress.json; the
+# same command then takes the finished attacks from that file instead of running them again.
+
+PROGRESS_FILE = "eval-progress.json"
+PROGRESS_KIND = "harness eval progress"
+
+
+def progress_key(spec: dict, label: str, weights_sha256: str, test_size: int) -> str:
+    """What an eval-progress file must match to be resumed from: the spec (all but its name, description and
+    performance), the model label, the weights' content and the test split's size."""
+    from harness.checkpoint import fingerprint
+
+    core = {k: v for k, v in spec.items() if k not in ("name", "description", "performance")}
+    return fingerprint({"spec": core, "model": label, "weights": weights_sha256, "test_size": test_size})
+
+
+def read_progress(path: Path, key: str, test_size: int, labels: list[str], console: Console) -> tuple[dict, dict]:
+    """The finished attacks of an earlier, interrupted evaluation: ({label: (robust, entry)}, metrics so far), or
+    empty when there is no usable file (one of another evaluation is ignored, and said so)."""
+    import json
+
+    if not path.exists():
+        return {}, {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(doc, dict) and doc.get("kind") == PROGRESS_KIND
+        usable = doc["key"] == key
+        finished = {}
+        for name, bits in doc["robust"].items():
+            assert isinstance(bits, str) and len(bits) == test_size and set(bits) <= {"0", "1"}
+            if name in labels:
+                finished[name] = (torch.tensor([b == "1" for b in bits], dtype=torch.bool),
+                                  doc["metrics"]["attacks"][name])
+        metrics = doc["metrics"]
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        console.print(f"ignoring {path}: not a readable eval progress file; evaluating from the start",
+                      style="yellow", markup=False, highlight=False, soft_wrap=True)
+        return {}, {}
+    if not usable:
+        console.print(f"ignoring {path}: it is the progress of another evaluation (the spec, the model or the "
+                      "weights differ); evaluating from the start", style="yellow", markup=False, highlight=False,
+                      soft_wrap=True)
+        return {}, {}
+    if finished:
+        console.print(f"resuming the evaluation: {', '.join(finished)} finished earlier ({path}), not run again",
+                      markup=False, highlight=False, soft_wrap=True)
+    return finished, metrics
+
+
+def evaluate_resumable(spec: dict, model: nn.Module, data, attacks: list, device: torch.device, console: Console, *,
+                       label: str, out_dir: Path | None, weights_sha256: str | None) -> dict:
+    """harness.evaluate.evaluate with progress (harness.progress), stop requests polled after every batch and, when
+    there is an output folder and weights to identify, the finished attacks kept in OUT/eval-progress.json so that
+    an interrupted evaluation resumes. The file is removed once the evaluation is complete."""
+    from harness import checks as checks_mod
+    from harness.evaluate import batch_count
+    from harness.interrupt import InterruptGuard
+    from harness.progress import Phases, batch_hook
+
+    bs = spec["evaluation"]["batch_size"]
+    path = out_dir / PROGRESS_FILE if out_dir is not None and weights_sha256 is not None else None
+    key = progress_key(spec, label, weights_sha256, len(data.test)) if path is not None else None
+    finished, so_far = (read_progress(path, key, len(data.test), [e["label"] for e, _ in attacks], console)
+                        if path is not None else ({}, {}))
+    robust_bits = {name: "".join("1" if v else "0" for v in robust.tolist()) for name, (robust, _) in finished.items()}
+
+    def record(name: str, robust: torch.Tensor, metrics: dict) -> None:
+        so_far.clear()
+        so_far.update(metrics)
+        if path is None:
+            return
+        robust_bits[name] = "".join("1" if v else "0" for v in robust.tolist())
+        write_json_atomic(path, {"kind": PROGRESS_KIND, "key": key, "model": label, "metrics": metrics,
+                                 "robust": dict(robust_bits)})
+
+    def done_so_far() -> str:
+        attacks_done = so_far.get("attacks") or {}
+        if not attacks_done:
+            return "no attack had finished"
+        text = (f"done so far: clean accuracy {so_far['clean_acc']:.2f}%, "
+                + ", ".join(f"{name} {entry['acc']:.2f}%" for name, entry in attacks_done.items()))
+        return text + (f"; written to {path}" if path is not None else " (no output folder: not kept)")
+
+    with Phases(console) as phases, InterruptGuard() as guard:
+        def stopper(phase: str):
+            def stop() -> None:
+                if guard.requested():
+                    raise guard.interrupted(f"the evaluation of {label} stopped while {phase}; {done_so_far()}")
+            return stop
+
+        evaluating = batch_hook(phases, label, "evaluating", batch_count(data, len(attacks) - len(finished), bs),
+                                stopper("evaluating"))
+        checking = batch_hook(phases, label, "running the sanity checks",
+                              lambda: checks_mod.batch_count(attacks, spec["evaluation"].get("checks"),
+                                                             len(data.test), bs),
+                              stopper("running the sanity checks"))
+        evaluating()
+        metrics = evaluate(model, data, attacks, bs, device, on_batch=evaluating,
+                           checks=spec["evaluation"].get("checks"), seed=spec["seed"], on_checks_batch=checking,
+                           finished=finished, on_attack=record)
+    if path is not None:
+        path.unlink(missing_ok=True)
+    return metrics
