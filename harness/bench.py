@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import harness
-from harness import registry
+from harness import registry, threads
 from harness.compat import import_advertorch
 from harness.data import batches
 from harness.evaluate import adversarial_correct, clean_pass
@@ -263,6 +263,7 @@ def bench(spec: dict, console: Console, *, cell_ids: list[str] | None = None, ba
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
+        "cpu": threads.describe(),  # the CPU model and how the thread count was chosen (harness.threads)
         "torch": torch.__version__,
         "performance": performance.describe(),
         "peak_tflops": peak_tflops(device, performance),

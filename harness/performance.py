@@ -53,6 +53,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from harness import threads
 from harness.plugin import DataSplits, DefensePlugin, Split
 
 # bf16 adversaries must fool the model as often as fp32 ones: the attack success rate (over the correctly
@@ -120,7 +121,9 @@ class Performance:
         return self.eval_tf32 and self.device.type == "cuda"
 
     def apply_global(self) -> None:
-        """Process-wide switches for training: TF32 for fp32 matmuls/convolutions on CUDA (no effect on CPU)."""
+        """Process-wide switches for training: the CPU thread count (harness.threads: one fewer than the usable
+        cores unless OMP_NUM_THREADS says otherwise) and TF32 for fp32 matmuls/convolutions on CUDA."""
+        threads.configure()
         if self.device.type == "cuda":
             _set_tf32(self.tf32)
             torch.backends.cudnn.benchmark = True

@@ -39,6 +39,7 @@ from harness.performance import Performance, Runtime
 from harness.train import steps_per_epoch, train
 from harness import checkpoint, integrity, merge
 from harness import spec as spec_mod
+from harness import threads
 from harness.interrupt import InterruptGuard, TrainingStopped
 from harness.progress import Overall, Phases, batch_hook
 from harness.paths import (WriteFailed, check_dataset_root, check_writable, inside, locked, remove_stale_temps,
@@ -176,6 +177,7 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
+        "cpu": threads.describe(),  # the CPU model, how the thread count was chosen, OpenMP's wait policy
         "git_revision": git_revision(),
         "adversary_policy": ADVERSARY_POLICY,
         "plugins": [{"kind": p.kind, "name": p.name, "distribution": p.distribution, "version": p.version,

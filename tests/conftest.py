@@ -18,7 +18,9 @@ from harness.cli import cli
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # One intra-op thread: tests use tiny models, for which two threads on a 2-core machine (often shared with other
-# work) only spin against each other (measured up to 10x slower); every test module inherits this.
+# work) only spin against each other (measured up to 10x slower); every test module inherits this. Said through
+# OMP_NUM_THREADS too, which harness.threads.configure (run by every harness run) respects, as do subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
