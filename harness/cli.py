@@ -172,7 +172,20 @@ def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path
 
     spec, applied = api.prepare_evaluation(weights, spec_path, overrides=overrides, download=download)
     out_dir = out_dir or inside(Path("reports"), f"{spec['name']}-eval", where="$.name")
-    report = api.execute_evaluation(weights, spec, out_dir, console, model_label=model_label, overrides=applied)
+    from harness.interrupt import Interrupted
+    from harness.report import render_cell_summary
+
+    try:
+        report = api.execute_evaluation(weights, spec, out_dir, console, model_label=model_label, overrides=applied)
+    except Interrupted as exc:  # what was done is in OUT/eval-progress.json: the same command goes on from there
+        import shlex
+
+        again = [*invoked_as(), "eval", str(spec_path), "--weights", str(weights), "--out", str(out_dir)]
+        again += ["--model", model_label] if model_label else []
+        again += [arg for override in applied for arg in ("--set", override)]
+        exc.fix = "resume with: " + shlex.join(again)
+        raise
+    render_cell_summary(report["cells"][0], console)  # clean accuracy, and the detail of every raised check
     render_attack_table(report, console)
     console.print(f"report: {out_dir / 'report.json'}")
 
