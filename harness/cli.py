@@ -161,16 +161,19 @@ def default_out(spec: dict, seed: int | None, smoke: bool) -> Path:
 @click.option("--model", "model_label", help="The label of the spec's model to load into (default: the first).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Output folder (default: reports/<spec name>-eval/).")
+@click.option("--data-root", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder holding the datasets (overrides the spec's dataset.root; default ./data).")
 @spec_overrides
 def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path | None, overrides: tuple[str, ...],
-          download: bool) -> None:
+          download: bool, data_root: Path | None) -> None:
     """Evaluate existing WEIGHTS with SPEC's dataset, model, attacks and checks, without training."""
     from harness import api
     from harness.report import render_attack_table
 
     from harness.paths import inside
 
-    spec, applied = api.prepare_evaluation(weights, spec_path, overrides=overrides, download=download)
+    spec, applied = api.prepare_evaluation(weights, spec_path, overrides=overrides, download=download,
+                                           data_root=data_root)
     out_dir = out_dir or inside(Path("reports"), f"{spec['name']}-eval", where="$.name")
     from harness.interrupt import Interrupted
     from harness.report import render_cell_summary
@@ -181,7 +184,8 @@ def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path
         import shlex
 
         again = [*invoked_as(), "eval", str(spec_path), "--weights", str(weights), "--out", str(out_dir)]
-        again += ["--model", model_label] if model_label else []
+        again += (["--model", model_label] if model_label else []) + (["--data-root", str(data_root)] if data_root
+                                                                      else [])
         again += [arg for override in applied for arg in ("--set", override)]
         exc.fix = "resume with: " + shlex.join(again)
         raise
@@ -192,13 +196,32 @@ def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path
 
 @cli.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("--eval", "as_evaluation", is_flag=True, help="Check SPEC as `harness eval` reads it (`defense` and "
+              "`training` may be absent); a spec without both is checked so anyway.")
 @spec_overrides
-def validate(spec_path: Path, overrides: tuple[str, ...], download: bool) -> None:
-    """Check SPEC (its JSON, the schema, plugin names and plugin options) without running anything."""
+def validate(spec_path: Path, overrides: tuple[str, ...], download: bool, as_evaluation: bool) -> None:
+    """Check SPEC (its JSON, the schema, plugin names and plugin options) without running anything.
+
+    A spec without `defense` and `training` is an evaluation spec: it is checked as `harness eval` reads it, and
+    `harness run` refuses it. Whatever validate accepts, the command it names can run."""
     from harness import api
     from harness.runner import plan
+    from harness.spec import EvaluationSpec
 
-    spec = api.validate(spec_path, overrides=overrides, download=download)
+    try:
+        if as_evaluation:
+            raise EvaluationSpec("checked as an evaluation spec")
+        spec = api.validate(spec_path, overrides=overrides, download=download)
+    except EvaluationSpec:
+        from harness import weights
+
+        spec = weights.read_spec(spec_path, api.overrides_list(overrides, download))
+        models = ", ".join(m["label"] for m in spec["models"])
+        console.print(f"{spec_path}: valid evaluation spec (models: {models}); evaluate weights with `harness eval "
+                      f"{spec_path} --weights FILE`" + ("" if spec["training"] and spec["defense"] else
+                                                        "; `harness run` needs `defense` and `training`"),
+                      highlight=False, markup=False, soft_wrap=True)
+        return
     cells = plan(spec)
     console.print(f"{spec_path}: valid. {len(cells)} cell(s): " + ", ".join(c.id for c in cells), highlight=False)
 
@@ -493,7 +516,6 @@ def _show_plugin(name: str) -> None:
         for row in rows:
             table.add_row(*row)
         wide.print(table)
-
 
 
 _INVOKED_AS: list[str] | None = None  # set by main(): how this process's command line named the harness

@@ -109,7 +109,8 @@ def non_finite_numbers(instance: Any, parts: tuple = ()) -> list[str]:
 def plugin_sites(spec: dict) -> list[PluginSite]:
     sites: list[PluginSite] = [("dataset", ["dataset"])]
     sites += [("model", ["models", i]) for i in range(len(_list_at(spec, ["models"])))]
-    sites.append(("defense", ["defense"]))
+    if _get(spec, ["defense"]) is not None:  # an evaluation spec has none
+        sites.append(("defense", ["defense"]))
     sites += [("attack", ["evaluation", "attacks", i]) for i in range(len(_list_at(spec, ["evaluation", "attacks"])))]
     checks = _get(spec, ["evaluation", "checks"])
     if isinstance(checks, dict) and isinstance(checks.get("gradient_free"), dict):
@@ -150,10 +151,33 @@ def fill_defaults(instance: Any, schema: dict) -> Any:
 SPEC_SCHEMA_WITHOUT_MODELS = {**SPEC_SCHEMA, "required": [k for k in SPEC_SCHEMA["required"] if k != "models"]}
 
 
-def validate(spec: Any, *, models: bool = True) -> dict:
+EVALUATION_ONLY = ("defense", "training")  # what `harness eval` does not need
+
+
+class EvaluationSpec(BadInput):
+    """A spec without `defense` and `training` checked for `harness run`: it is an evaluation spec (exit 2)."""
+
+
+def is_evaluation_spec(spec: Any) -> bool:
+    """A spec that leaves out both `defense` and `training`: something to evaluate given weights with, not to run."""
+    return isinstance(spec, dict) and not any(key in spec for key in EVALUATION_ONLY)
+
+
+def validate(spec: Any, *, models: bool = True, evaluation_only: bool = False) -> dict:
     """Validate a parsed spec completely; return it resolved (defaults filled) or raise one BadInput listing all errors.
-    `models=False`: the spec may leave `models` out (an in-memory model is evaluated instead)."""
-    errors = schema_errors(spec, SPEC_SCHEMA if models else SPEC_SCHEMA_WITHOUT_MODELS) + non_finite_numbers(spec)
+    `models=False`: the spec may leave `models` out (an in-memory model is evaluated instead).
+    `evaluation_only=True` (`harness eval`, `harness validate` of an evaluation spec): `defense` and `training` may
+    be left out; they are then null in the resolved spec. Without it a spec that leaves out both is refused with
+    EvaluationSpec, which points to `harness eval`."""
+    if not evaluation_only and is_evaluation_spec(spec):
+        raise EvaluationSpec("the spec has no `defense` and no `training`: it is an evaluation spec, for existing "
+                             "weights, and `harness run` has nothing to train",
+                             fix="evaluate weights with `harness eval SPEC --weights FILE`, or add `defense` and "
+                                 "`training` to train (`harness validate SPEC` checks either kind)")
+    schema = SPEC_SCHEMA if models else SPEC_SCHEMA_WITHOUT_MODELS
+    if evaluation_only:
+        schema = {**schema, "required": [k for k in schema["required"] if k not in EVALUATION_ONLY]}
+    errors = schema_errors(spec, schema) + non_finite_numbers(spec)
     if not isinstance(spec, dict):
         raise BadInput("spec is not valid:\n  " + "\n  ".join(errors), fix="the spec must be a JSON object")
     for kind, keys in plugin_sites(spec):
@@ -189,6 +213,9 @@ def validate(spec: Any, *, models: bool = True) -> dict:
         fill_defaults(site["options"], registry.load(kind, site["name"]).options_schema)
     for model in resolved.get("models", []):
         model["label"] = default_label(model)
+    if evaluation_only:
+        for key in EVALUATION_ONLY:
+            resolved.setdefault(key, None)  # recorded as null: an evaluation of given weights trained nothing
     for attack in resolved["evaluation"]["attacks"]:
         attack["label"] = default_label(attack)
     return resolved

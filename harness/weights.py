@@ -30,8 +30,6 @@ from harness.report import validate_report, write_json_atomic
 from harness.runner import (build_attacks, build_model, environment, load_data, pick_device, report_document,
                             seed_everything)
 
-# What a spec without a training part stands for: no defense, no training epochs.
-NO_TRAINING = {"defense": {"name": "none", "strengths": [0]}, "training": {"epochs": 0, "batch_size": 1, "lr": 1.0}}
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
 SHOWN = 8
 
@@ -42,12 +40,10 @@ def read_spec(source: str | Path | dict, overrides: Iterable[str] = (), *, model
     ignored and may be absent."""
     raw = copy.deepcopy(source) if isinstance(source, dict) else spec_mod.read_json(source, "spec")
     raw = spec_mod.apply_overrides(raw, overrides)
-    if isinstance(raw, dict):
-        for key, value in NO_TRAINING.items():
-            raw.setdefault(key, copy.deepcopy(value))
-        if not models:
-            raw.pop("models", None)
-    return spec_mod.validate_overridden(raw, overrides, models=models)
+    if isinstance(raw, dict) and not models:
+        raw.pop("models", None)
+    # `defense` and `training` stay null when absent: the report says weights were evaluated, nothing trained
+    return spec_mod.validate_overridden(raw, overrides, models=models, evaluation_only=True)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

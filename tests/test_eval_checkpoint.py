@@ -7,7 +7,6 @@ import torch
 from click.testing import CliRunner
 
 from harness import registry, spec as spec_mod
-from harness.weights import NO_TRAINING
 from harness.cli import cli
 from harness.evaluate import evaluate
 from harness.report import validate_report
@@ -32,7 +31,7 @@ EVAL_SPEC = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A LeNet trained for a few real steps, saved as a state_dict."""
-    spec = spec_mod.validate({**json.loads(json.dumps(EVAL_SPEC)), **NO_TRAINING})
+    spec = spec_mod.validate(json.loads(json.dumps(EVAL_SPEC)), evaluation_only=True)
     data = load_data(spec)
     seed_everything(0)
     model = registry.load("model", "lenet")(spectral_norm=True).build(10, (1, 8, 8))
