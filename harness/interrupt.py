@@ -72,7 +72,9 @@ class InterruptGuard:
     def __exit__(self, exc_type, exc, tb) -> None:
         hold = self.hold_after_stop and exc_type is not None and issubclass(exc_type, Interrupted)
         for sig, handler in self._previous.items():
-            signal.signal(sig, _already_stopping if hold else handler)
+            # SIG_IGN, not a Python function: Python resets its own handlers to the default while it shuts down,
+            # and torch's teardown is slow enough for torchrun's SIGTERM to land then (seen: exit -15 under load)
+            signal.signal(sig, signal.SIG_IGN if hold else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
@@ -93,11 +95,6 @@ class InterruptGuard:
     def interrupted(self, where: str) -> Interrupted:
         name = signal.Signals(self.signum).name
         return Interrupted(self.signum, f"interrupted by {name}: {where}")
-
-
-def _already_stopping(signum: int, frame) -> None:
-    """The handler left in place by a guard with `hold_after_stop` after it stopped the run: the process is
-    already on its way out with the exit code of the first signal."""
 
 
 class TrainingStopped(Exception):

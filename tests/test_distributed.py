@@ -112,7 +112,7 @@ def test_a_signal_reaching_one_rank_stops_every_rank_at_the_same_step_and_resume
 
     from harness import checkpoint
 
-    epochs = 20  # one step each: long enough after the first checkpoint for the signal to land mid-run
+    epochs = 60  # one step each: long enough after the first checkpoint for the signal to land mid-run, under load
     spec = json.loads(json.dumps(SPEC))
     spec["defense"]["strengths"] = [16]
     spec["training"].update(epochs=epochs, max_batches=1)
@@ -125,14 +125,17 @@ def test_a_signal_reaching_one_rank_stops_every_rank_at_the_same_step_and_resume
     ckpt = tmp_path / "two" / "checkpoints" / "lenet__s16.pt"
 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
+    rank1 = None
+    while rank1 is None:  # found before training starts, so that the signal follows the first checkpoint at once
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        rank1 = _worker_pid(proc.pid, 1)
+        time.sleep(0.01)
     while not ckpt.exists():  # epoch 1 is done: both ranks are training, their guards installed
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.002)
-    rank1 = _worker_pid(proc.pid, 1)
-    assert rank1 is not None
     os.kill(rank1, signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
     # both ranks stopped at a step boundary by the signal (rank 0 adopted rank 1's), neither by a broken collective
     assert stderr.count("interrupted by SIGTERM: cell lenet__s16 stopped after step") == 2, stderr[-3000:]
