@@ -154,3 +154,31 @@ def evil_plugins(tmp_path, monkeypatch):
     yield site
     for name in ("evil_plugins", "evil_broken"):
         sys.modules.pop(name, None)
+
+
+# `harness submit` / `harness status` (tests/test_submit.py, test_status.py, test_slurm.py): three cells, fast (no
+# evaluation checks, no analysis, one-step attacks), 8 epochs of 2 steps so a signal can land mid-training.
+SUBMIT_SPEC = copy.deepcopy(TINY_SPEC)
+SUBMIT_SPEC["dataset"].update(max_train=128, max_test=64)
+SUBMIT_SPEC["defense"].update(strengths=[0, 16, 32], options={"steps": 1, "step_size": 16})
+SUBMIT_SPEC["training"].update(epochs=8, batch_size=32, max_batches=2)
+SUBMIT_SPEC["evaluation"].update(attacks=[{"name": "foolbox-pgd", "eps": 32, "options": {"steps": 1, "step_size": 16}}],
+                                 checks={"enabled": False})
+SUBMIT_SPEC["analysis"] = {"enabled": False}
+SUBMIT_CELLS = ["lenet__s0", "lenet__s16", "lenet__s32"]
+
+
+def job_env(**extra) -> dict:
+    """The environment of a `python -m harness` subprocess and of the jobs it starts (they inherit it)."""
+    return {**os.environ, "GIT_PYTHON_REFRESH": "quiet", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def assert_same_cell(a: dict, b: dict, ckpt_a: Path, ckpt_b: Path) -> None:
+    """Two results of one cell are the same: metrics, per-epoch objectives and the trained weights, to the bit."""
+    from harness import checkpoint
+
+    assert a["status"] == b["status"] == "done"
+    assert a["metrics"] == b["metrics"], a["id"]
+    assert [h["train_objective"] for h in a["history"]] == [h["train_objective"] for h in b["history"]], a["id"]
+    wa, wb = checkpoint.load(ckpt_a)["model"], checkpoint.load(ckpt_b)["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wb), a["id"]

@@ -18,8 +18,7 @@ import pytest
 
 from harness import status, submit
 
-from conftest import invoke
-from test_submit import CELLS, SPEC, assert_same_cell, job_env
+from conftest import SUBMIT_CELLS as CELLS, SUBMIT_SPEC as SPEC, assert_same_cell, invoke, job_env
 
 
 def _why_no_slurm() -> str | None:

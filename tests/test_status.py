@@ -13,8 +13,7 @@ import time
 
 from harness import checkpoint
 
-from conftest import REPO, invoke
-from test_submit import SPEC, job_env
+from conftest import REPO, SUBMIT_SPEC as SPEC, invoke, job_env
 
 FAILURE = "training loss became inf at epoch 2, step 1"
 
