@@ -70,7 +70,8 @@ def progress(ckpt: Path, train_size: int | None) -> dict:
         return {"unreadable": exc.message}
     training = state["spec"]["training"]
     epochs, history = training["epochs"], state["history"]
-    out = {"epoch": state["epoch"], "epochs": epochs, "step": state["step"], "age_s": time.time() - ckpt.stat().st_mtime}
+    out = {"epoch": state["epoch"], "epochs": epochs, "step": state["step"],
+           "age_s": time.time() - ckpt.stat().st_mtime}
     recent = [h["seconds"] for h in history[-3:]]
     partial = state["partial"]["seconds"] if state["step"] else 0.0
     if recent:
@@ -187,7 +188,8 @@ def cell_states(out_dir: Path, spec: dict | None) -> list[CellState]:
     if spec is not None:
         ids, digest = [c.id for c in plan(spec)], spec_digest(spec)
     else:
-        found = {p.stem for p in (out_dir / "cells").glob("*.json")} | {p.stem for p in (out_dir / "checkpoints").glob("*.pt")}
+        found = ({p.stem for p in (out_dir / "cells").glob("*.json")}
+                 | {p.stem for p in (out_dir / "checkpoints").glob("*.pt")})
         ids, digest = sorted(found), None
     jobs = _latest_jobs(out_dir)
     train_size = _train_size(out_dir)
@@ -212,7 +214,8 @@ def cell_states(out_dir: Path, spec: dict | None) -> list[CellState]:
             error = log_error(entry.get("log_folder"), job_id)
             if alive is False or error or _local_job_gone(entry, job_id):
                 state.state = "failed" if error else "interrupted"
-                state.detail = error or f"job {job_id} ended without a result; " + (_describe_progress(prog) or "no checkpoint")
+                state.detail = error or (f"job {job_id} ended without a result; "
+                                         + (_describe_progress(prog) or "no checkpoint"))
             else:
                 state.state = "running"
                 attempt = f"attempt {record.get('attempt', 1)}, " if record.get("attempt", 1) > 1 else ""
@@ -233,6 +236,10 @@ def cell_states(out_dir: Path, spec: dict | None) -> list[CellState]:
                 state.detail = "waiting for a local slot" if job_id is None else f"job {job_id} not started yet"
         elif cell is not None:  # failed
             state.state, state.detail = "failed", _first_line(cell.get("error"))
+        elif ours and record.get("state") == "stopped":  # a signal that requeues nothing (SIGINT, scancel)
+            state.state = "interrupted"
+            state.detail = f"stopped by {record.get('signal')}; " + (_describe_progress(prog)
+                                                                     or "before its first checkpoint")
         elif prog:
             state.state = "interrupted"
             why = f"stopped by {record['signal']}; " if ours and record.get("signal") else ""
@@ -312,7 +319,8 @@ def render(states: list[CellState], console: Console, out_dir: Path | None = Non
 def status(out_dir: Path) -> list[CellState]:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise BadInput(f"output folder not found: {out_dir}", fix="pass the --out folder of `harness submit` or `harness run`")
+        raise BadInput(f"output folder not found: {out_dir}",
+                       fix="pass the --out folder of `harness submit` or `harness run`")
     return cell_states(out_dir, _spec_of(out_dir))
 
 

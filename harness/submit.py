@@ -124,7 +124,8 @@ def parse_slurm_options(pairs: tuple[str, ...]) -> dict[str, str] | None:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise BadInput(f"--slurm-option {pair!r}: expected key=value", fix="e.g. --slurm-option mail-user=me@lab.org")
+            raise BadInput(f"--slurm-option {pair!r}: expected key=value",
+                           fix="e.g. --slurm-option mail-user=me@lab.org")
         out[key.lstrip("-")] = value
     return out or None
 
