@@ -38,7 +38,7 @@ WHY = _why_no_slurm()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
 
 
-def wait_running(out: Path, cell_id: str, timeout: float = 600) -> dict:
+def wait_running(out: Path, cell_id: str, timeout: float = 900) -> dict:
     """The cell's task record once its job has written the first checkpoint."""
     deadline = time.monotonic() + timeout
     ckpt = out / "checkpoints" / f"{cell_id}.pt"

@@ -30,7 +30,7 @@ def harness(*args, cwd, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def running_pid(out: Path, cell_id: str, proc, timeout: float = 300) -> int:
+def running_pid(out: Path, cell_id: str, proc, timeout: float = 900) -> int:
     """The pid of the cell's task once it has written its first checkpoint (so its guard is in place)."""
     deadline = time.monotonic() + timeout
     ckpt = out / "checkpoints" / f"{cell_id}.pt"
