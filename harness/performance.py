@@ -131,7 +131,9 @@ class Performance:
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[None]:
         """Evaluation's TF32 setting (`evaluation_tf32`) for the duration of the block, then the training one
-        back. On CPU nothing changes (TF32 is a CUDA mode)."""
+        back. On CPU nothing changes (TF32 is a CUDA mode). The CPU thread count is configured here too, as in
+        `apply_global`: `harness eval` and harness.evaluate evaluate without training."""
+        threads.configure()
         if self.device.type != "cuda":
             yield
             return
