@@ -241,7 +241,9 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         performance = runtime.performance.for_model(model, data.input_shape)  # bf16 -> fp32 where oneDNN fails
         if performance is not runtime.performance:
             runtime = dataclasses.replace(runtime, performance=performance)
-            progress.console.print(f"[yellow]cell {cell.id}: {performance.note}[/yellow]", highlight=False)
+            # markup off: the note may quote a model's own error message, brackets included
+            progress.console.print(f"cell {cell.id}: {performance.note}", style="yellow", markup=False,
+                                   highlight=False)
         performance.prepare_model(model)
     defense_entry = spec["defense"]
     defense = registry.create("defense", defense_entry["name"], eps=to_unit(cell.strength), **defense_entry["options"])

@@ -36,6 +36,32 @@ class AdvertorchLeNet5(ModelPlugin):
         from advertorch.test_utils import LeNet5
 
         return LeNet5()
+
+
+class BracketNet(ModelPlugin):
+    """Fails on an NHWC activation with a message full of square brackets (rich markup, if printed as such)."""
+
+    options_schema = {"type": "object", "additionalProperties": False, "properties": {}}
+
+    def __init__(self):
+        pass
+
+    def build(self, num_classes, input_shape):
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.fc = nn.Conv2d(input_shape[0], 4, 3, padding=1), nn.Linear(4, num_classes)
+
+            def forward(self, x):
+                h = torch.relu(self.conv(x))
+                if not h.is_contiguous():
+                    raise RuntimeError("expected [N, C, H, W] in [bold]NCHW[/bold], got strides [/x]")
+                return self.fc(h.mean((2, 3)))
+
+        return Net()
 '''
 
 
@@ -47,7 +73,7 @@ def lenet5_plugin(tmp_path, monkeypatch):
     (site / "lenet5_plugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: lenet5-plugin\n"
                                                                   "Version: 0.1\n")
     (site / "lenet5_plugin-0.1.dist-info" / "entry_points.txt").write_text(
-        "[harness.models]\nadvertorch-lenet5 = lenet5_plugin:AdvertorchLeNet5\n")
+        "[harness.models]\nadvertorch-lenet5 = lenet5_plugin:AdvertorchLeNet5\nbracket-net = lenet5_plugin:BracketNet\n")
     monkeypatch.syspath_prepend(str(site))
     yield site
     sys.modules.pop("lenet5_plugin", None)
@@ -118,3 +144,14 @@ def test_advertorch_lenet5_forced_to_channels_last_runs_in_nchw_and_the_cell_rec
     assert cell["status"] == "done"
     assert cell["performance"]["channels_last"] is False
     assert "view size is not compatible" in cell["performance"]["note"]
+
+
+def test_the_note_is_printed_as_text_whatever_the_models_error_says(lenet5_plugin, write_spec, tiny_spec, tmp_path):
+    tiny_spec["models"] = [{"name": "bracket-net"}]
+    tiny_spec["defense"]["strengths"] = [0]
+    tiny_spec["performance"] = FORCED
+    tiny_spec["evaluation"]["checks"] = {"enabled": False}
+    result = invoke("run", write_spec(tiny_spec), "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())  # the console wraps long lines
+    assert "expected [N, C, H, W] in [bold]NCHW[/bold], got strides [/x]" in printed
