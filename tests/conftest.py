@@ -173,6 +173,20 @@ def job_env(**extra) -> dict:
     return {**os.environ, "GIT_PYTHON_REFRESH": "quiet", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
+VARYING = ("seconds", "timings", "resumed_from", "checksum")  # what differs between any two runs of one cell
+
+
+def without_timings(value, also: tuple[str, ...] = ()):
+    """A result without what differs between any two runs (wall-clock fields, where it resumed, its checksum),
+    nor the keys in `also`: what is left must be equal for an interrupted-and-resumed run and a straight one."""
+    drop = VARYING + tuple(also)
+    if isinstance(value, dict):
+        return {k: without_timings(v, also) for k, v in value.items() if k not in drop}
+    if isinstance(value, list):
+        return [without_timings(v, also) for v in value]
+    return value
+
+
 def assert_same_cell(a: dict, b: dict, ckpt_a: Path, ckpt_b: Path) -> None:
     """Two results of one cell are the same: metrics, per-epoch objectives and the trained weights, to the bit."""
     from harness import checkpoint

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_SPEC, invoke
+from conftest import TINY_SPEC, invoke, job_env, without_timings
 
 CELLS = ("lenet__s0", "lenet__s32")
 
@@ -38,18 +38,8 @@ def jobs_spec() -> dict:
     return spec
 
 
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items()
-                if k not in ("seconds", "timings", "resumed_from", "checksum")}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
 def start(cwd, *args) -> subprocess.Popen:
-    env = dict(os.environ, GIT_PYTHON_REFRESH="quiet", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, env=job_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_SPEC, invoke
+from conftest import TINY_SPEC, invoke, without_timings
 
 CELL = "lenet__s0"
 
@@ -38,15 +38,6 @@ def disk_spec() -> dict:
 
 def flat(text: str) -> str:
     return text.replace("\n", "")  # rich folds long paths at 80 columns
-
-
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items()
-                if k not in ("seconds", "timings", "resumed_from", "checksum")}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import pytest
 
 from harness import analysis, checkpoint, registry
 
-from conftest import REPO, TINY_SPEC, invoke
+from conftest import REPO, TINY_SPEC, invoke, without_timings
 
 CELL = "lenet__s0"
 PHASES = ("evaluating", "running the sanity checks", "analysing")
@@ -46,16 +46,6 @@ def signal_spec() -> dict:
     }
     spec["analysis"] = {"max_train": 24, "steps": 3}
     return spec
-
-
-def without_timings(value):
-    """A result without what differs between any two runs: wall-clock fields, where it resumed, its checksum."""
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items()
-                if k not in ("seconds", "timings", "resumed_from", "checksum")}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
 
 
 def flat(text: str) -> str:
