@@ -52,7 +52,7 @@ from harness.evaluate import adversarial_correct, clean_pass
 from harness.performance import Performance, Runtime
 from harness.plugin import DataSplits, Split, to_unit
 from harness.report import write_json_atomic
-from harness.runner import Cell, load_data, pick_device, plan, seed_everything, select
+from harness.runner import Cell, load_data, pick_device, plan, require_train_split, seed_everything, select
 from harness.train import make_optimizer
 
 # Dense peak TFLOPS (NVIDIA data sheets; "tf32" is the tensor-core rate used for fp32 with TF32 allowed).
@@ -250,7 +250,9 @@ def bench(spec: dict, console: Console, *, cell_ids: list[str] | None = None, ba
     device = pick_device(spec["device"])
     performance = Performance.from_spec(spec.get("performance"), device)
     performance.apply_global()
-    data = performance.prepare_data(load_data(spec))
+    data = load_data(spec)
+    require_train_split(data, spec, "bench")  # the bench times training steps
+    data = performance.prepare_data(data)
     bs = batch_size or spec["training"]["batch_size"]
     ebs = eval_batch_size or spec["evaluation"]["batch_size"]
     results = []

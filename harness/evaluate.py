@@ -225,8 +225,15 @@ def worst_case(entries: list[dict], robust: dict[str, torch.Tensor], n: int) -> 
 def batch_count(data: DataSplits, attacks: int, batch_size: int) -> int:
     """How many times evaluate calls `on_batch` when `attacks` attacks run: after each batch of the clean passes over
     the train and test splits and of every attack over the test split (the size of the evaluation's progress bar)."""
-    per = [-(-len(split) // batch_size) for split in (data.train, data.test)]
+    per = [-(-len(split) // batch_size) if split is not None else 0 for split in (data.train, data.test)]
     return per[0] + per[1] * (1 + attacks)
+
+
+def no_train_split_reason(data: DataSplits) -> str:
+    """Why a test-only dataset's (DataSplits.train None) train loss and GE are null in the report."""
+    source = f" ({data.source})" if data.source else ""
+    return (f"the dataset plugin returned no training split{source}: the training loss, and GE = test loss - "
+            "train loss, need one; evaluated on the test split only")
 
 
 def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, AttackPlugin]], batch_size: int,
@@ -249,16 +256,22 @@ def evaluate(model: nn.Module, data: DataSplits, attacks: list[tuple[dict, Attac
     that the same cell evaluated twice has equal metrics.
     """
     timings = {} if timings is None else timings
-    train_loss, _ = clean_pass(model, data.train, data, batch_size, device, on_batch)
+    # A test-only dataset (DataSplits.train None, evaluation only): no train loss and no GE. They are null with
+    # the reason in `unavailable`, never a number made up from the test split.
+    train_loss = clean_pass(model, data.train, data, batch_size, device, on_batch)[0] if data.train is not None \
+        else None
     test_loss, correct = clean_pass(model, data.test, data, batch_size, device, on_batch)
     n = max(len(correct), 1)
     metrics = {
         "clean_acc": 100.0 * float(correct.sum()) / n,
         "train_loss": train_loss,
         "test_loss": test_loss,
-        "ge": test_loss - train_loss,
+        "ge": test_loss - train_loss if train_loss is not None else None,
         "attacks": {},
     }
+    if train_loss is None:
+        reason = no_train_split_reason(data)
+        metrics["unavailable"] = {"train_loss": reason, "ge": reason}
     per_sample = {}
     for entry, attack in attacks:
         if finished and entry["label"] in finished:

@@ -108,9 +108,14 @@ class DataSplits:
     `augment` (training only) and `eval_transform` (train-loss, test-loss and attacks) take a float batch in
     [0, 1] on the compute device and return a float batch of `input_shape`; both are batched so that they can run
     on the GPU beside a device-resident dataset. None means identity.
+
+    `train` may be None for a test-only dataset (a held-out corruption set, a RobustBench-style test set):
+    `harness eval` / `harness.evaluate` then evaluate the test split as usual and report the train-set
+    quantities (train loss, GE) as null with the reason (metrics.unavailable); `harness run` and `harness bench`
+    refuse such a dataset (exit 2), since training needs a training split.
     """
 
-    train: Split
+    train: Split | None
     test: Split
     num_classes: int
     input_shape: tuple[int, int, int]

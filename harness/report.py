@@ -83,6 +83,7 @@ def render_table(report: dict, console: Console) -> None:
         by_model.setdefault(cell["model"], {})[cell["strength"]] = cell
     paper_key = {"clean_acc": "acc", "ge": "ge", "pgd_acc": "pgd"}
     with_paper = any(c.get("paper") for c in report["cells"])
+    footnotes: dict[str, str] = {}  # "GE n/a": why (a metric null in the report, e.g. no training split)
     for model, cells in by_model.items():
         lines = []
         for row_name, key, fmt in TABLE_ROWS:
@@ -95,7 +96,10 @@ def render_table(report: dict, console: Console) -> None:
                     values.append("[red]failed[/red]")
                 else:
                     value = cell["metrics"].get(key)
-                    text = "—" if value is None else fmt.format(value)
+                    why = (cell["metrics"].get("unavailable") or {}).get(key)
+                    if value is None and why:
+                        footnotes.setdefault(f"{row_name} n/a", why)
+                    text = ("n/a*" if why else "—") if value is None else fmt.format(value)
                     if cell.get("paper"):  # the published value on a second line of the cell
                         text += f"\n[dim]{fmt.format(cell['paper'][paper_key[key]])} (paper)[/dim]"
                     values.append(text)
@@ -104,6 +108,8 @@ def render_table(report: dict, console: Console) -> None:
             table.add_row(model if i == 0 else "", row_name, *values, end_section=(i == len(lines) - 1))
     console.print(table)
     console.print("columns: defensive strength on the 0-255 scale; Acc. and PGD in %; GE = test loss - train loss")
+    for what, why in footnotes.items():
+        console.print(f"* {what}: {why}", markup=False, highlight=False, soft_wrap=True)
     if with_paper:
         console.print("each cell: ours, and below it the paper's published value (Tables 1-2); differences in report.json")
     precisions = {c["id"]: c["performance"]["precision"] for c in report["cells"] if "performance" in c}
@@ -125,8 +131,12 @@ def render_cell_summary(cell: dict, console: Console) -> None:
         return
     m = cell["metrics"]
     pgd = "—" if m.get("pgd_acc") is None else f"{m['pgd_acc']:.2f}%"
-    console.print(f"cell {cell['id']}: acc {m['clean_acc']:.2f}% (clean)  GE {m['ge']:.4f}  PGD {pgd}  "
+    ge = "n/a*" if m.get("ge") is None else f"{m['ge']:.4f}"  # null without a training split (m["unavailable"])
+    console.print(f"cell {cell['id']}: acc {m['clean_acc']:.2f}% (clean)  GE {ge}  PGD {pgd}  "
                   f"({cell['seconds']:.1f} s)", markup=False, highlight=False)
+    if m.get("ge") is None:
+        why = (m.get("unavailable") or {}).get("ge", "not computed")
+        console.print(f"  * GE n/a: {why}", markup=False, highlight=False, soft_wrap=True)
     for flag, value in (m.get("checks") or {}).get("flags", {}).items():
         if value["ok"] is False:
             console.print(f"[yellow]cell {escape(cell['id'])}: check {flag} raised:[/yellow] "

@@ -195,9 +195,22 @@ def load_data(spec: dict, smoke: bool = False) -> DataSplits:
         if not smoke:
             raise
         data = smoke_mod.stand_in(plugin, spec, missing)  # smoke runs go on with synthetic stand-in data
-    data.train = data.train.subset(ds["max_train"], spec["seed"])
+    if data.train is not None:  # a test-only dataset has none (evaluation only: require_train_split)
+        data.train = data.train.subset(ds["max_train"], spec["seed"])
     data.test = data.test.subset(ds["max_test"], spec["seed"] + 1, first=ds.get("test_subset") == "first")
     return data
+
+
+def require_train_split(data: DataSplits, spec: dict, command: str) -> None:
+    """Training (`harness run`, `harness bench`) needs a training split; a test-only dataset plugin (DataSplits.train
+    None) serves only `harness eval` / `harness.evaluate`. Checked right after loading, before anything trains."""
+    if data.train is not None:
+        return
+    who, _ = registry.describe("dataset", spec["dataset"]["name"])
+    raise BadInput(f"{who} returned no training split (DataSplits.train is None): `harness {command}` trains, and "
+                   "training needs one",
+                   fix="train on a dataset whose plugin returns a training split; evaluate trained weights on this "
+                       "test-only dataset with `harness eval SPEC --weights FILE` (or harness.evaluate)")
 
 
 def build_attacks(spec: dict) -> list[tuple[dict, object]]:
@@ -222,7 +235,8 @@ def report_document(spec: dict, data: DataSplits, env: dict, cells: list[dict], 
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "spec": spec,
         "smoke": smoke or data.stand_in,
-        "data": {"source": data.source, "stand_in": data.stand_in, "train_size": len(data.train),
+        "data": {"source": data.source, "stand_in": data.stand_in,
+                 "train_size": len(data.train) if data.train is not None else None,  # None: a test-only dataset
                  "test_size": len(data.test), "num_classes": data.num_classes, "input_shape": list(data.input_shape),
                  "notes": data.notes},
         "environment": env,
@@ -432,6 +446,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
         device = distributed.device(device)
     performance = Performance.from_spec(spec.get("performance"), device)
     data = load_data(spec, smoke)
+    require_train_split(data, spec, "run")
     # The precision each cell trains in is part of its experiment (checkpoint.training_view): resolve it per cell
     # before deciding to skip, resume or merge anything.
     by_model: dict[str, Performance] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -200,3 +201,96 @@ def test_import_harness_stays_light():
             "from harness.evaluate import evaluate; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# A test-only dataset (issue 14 §4): digits' test split and no training split, as a held-out corruption set or a
+# RobustBench-style test set is shipped. Installed as a real distribution (entry point) on sys.path.
+TEST_ONLY_PLUGIN = '''
+from harness.plugin import DataSplits, DatasetPlugin
+from harness_plugins.digits import Digits
+
+
+class DigitsTestOnly(DatasetPlugin):
+    """digits' test split alone."""
+
+    def load(self, root, download):
+        full = Digits().load(root, download)
+        return DataSplits(train=None, test=full.test, num_classes=full.num_classes, input_shape=full.input_shape,
+                          source="digits test split only")
+'''
+
+
+@pytest.fixture
+def test_only_dataset(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    info = site / "test_only_data-0.1.dist-info"
+    info.mkdir(parents=True)
+    (site / "test_only_data.py").write_text(TEST_ONLY_PLUGIN)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: test-only-data\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[harness.datasets]\ndigits-test-only = test_only_data:DigitsTestOnly\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield "digits-test-only"
+    sys.modules.pop("test_only_data", None)
+
+
+def test_a_test_only_dataset_evaluates_and_refuses_training(trained, test_only_dataset, tmp_path, write_spec):
+    """A dataset plugin without a training split: `harness eval` and harness.evaluate give the accuracies of the
+    same test split evaluated beside a training split, with train loss and GE null and the reason recorded (shown
+    as n/a with a footnote, also by `harness report`); `harness run` refuses it before training (exit 2)."""
+    model, weights = trained
+    with_train = invoke("eval", write_spec(EVAL_SPEC), "--weights", weights, "--out", tmp_path / "with-train")
+    assert with_train.exit_code == 0, with_train.output
+    expected = json.loads((tmp_path / "with-train" / "report.json").read_text())
+
+    spec = {**EVAL_SPEC, "dataset": {**EVAL_SPEC["dataset"], "name": test_only_dataset}}
+    done = invoke("eval", write_spec(spec, "test-only.json"), "--weights", weights, "--out", tmp_path / "test-only")
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "test-only" / "report.json").read_text())
+    m, e = report["cells"][0]["metrics"], expected["cells"][0]["metrics"]
+    assert _accuracies(report) == _accuracies(expected) and m["test_loss"] == e["test_loss"]
+    assert min(_accuracies(report)[1].values()) < m["clean_acc"]  # the attacks ran on the test split
+    assert m["worst_case"] == e["worst_case"] and m["robust_acc"] == e["robust_acc"]
+    assert e["ge"] is not None and m["ge"] is None and m["train_loss"] is None  # never a made-up number
+    assert "no training split" in m["unavailable"]["ge"] and "no training split" in m["unavailable"]["train_loss"]
+    assert report["data"]["train_size"] is None and report["data"]["test_size"] == expected["data"]["test_size"]
+    text = " ".join(done.output.split())
+    assert "GE n/a*" in text and "* GE n/a: the dataset plugin returned no training split" in text
+    shown = invoke("report", tmp_path / "test-only", "--no-figures")
+    assert shown.exit_code == 0, shown.output
+    shown_text = " ".join(shown.output.split())
+    assert re.search(r"GE\s+│\s+n/a\*", shown.output)  # the table's GE cell, and its footnote under the table
+    assert any(line.startswith("* GE n/a: the dataset plugin returned no training split")
+               for line in shown.output.splitlines())
+    assert f"{m['clean_acc']:.2f}" in shown_text
+
+    # the report schema allows the nulls only with their reason
+    from harness.report import validate_report
+
+    validate_report(report)
+    del m["unavailable"]["ge"]
+    with pytest.raises(ValueError, match=r"\$\.cells\[0\]\.metrics\.unavailable: 'ge' is a required property"):
+        validate_report(report)
+    m["unavailable"] = {"ge": "no training split"}
+    with pytest.raises(ValueError, match=r"unavailable: 'train_loss' is a required property"):
+        validate_report(report)
+    del m["unavailable"]
+    with pytest.raises(ValueError, match=r"metrics: 'unavailable' is a required property"):
+        validate_report(report)
+
+    # the Python API on the in-memory module: the same numbers, the same nulls
+    by_api = harness.evaluate(model, spec, quiet=True)
+    assert _accuracies(by_api) == _accuracies(expected)
+    assert by_api["cells"][0]["metrics"]["ge"] is None and "ge" in by_api["cells"][0]["metrics"]["unavailable"]
+
+    # training needs a training split: exit 2 naming the plugin, before anything is trained or written
+    train_spec = {**copy.deepcopy(RUN_SPEC), "dataset": {"name": test_only_dataset, "max_test": 60}}
+    refused = invoke("run", write_spec(train_spec, "run.json"), "--out", tmp_path / "run")
+    assert refused.exit_code == 2, refused.output
+    said = " ".join(refused.output.split())
+    assert "dataset plugin 'digits-test-only'" in said and "test-only-data" in said  # the plugin, its distribution
+    assert "training needs one" in said and "harness eval" in said
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "report.json").exists()
+    with pytest.raises(BadInput, match=r"dataset plugin 'digits-test-only' .* returned no training split"):
+        harness.run(train_spec, out=tmp_path / "api-run", quiet=True)
+    benched = invoke("bench", tmp_path / "run.json")  # it times training steps: refused the same way
+    assert benched.exit_code == 2 and "`harness bench` trains, and training needs one" in " ".join(benched.output.split())
