@@ -130,12 +130,17 @@ def prepare_run(spec: SpecSource, out: str | PathLike | None = None, *, override
 def execute_run(spec: dict, out_dir: Path, console: "Console", *, smoke: bool = False,
                 cells: str | Iterable[str] | None = None, fresh: bool = False, force: bool = False,
                 overrides: list[str] | None = None, figures: bool = True,
-                keep_checkpoints: bool = False, formats: Iterable[str] = ("png",)) -> tuple[dict | None, list[Path]]:
+                keep_checkpoints: bool = False, formats: Iterable[str] = ("png",),
+                log: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None) -> tuple[dict | None, list[Path]]:
     """Run a spec from prepare_run with harness.runner.run; return the report (None on torchrun ranks but 0) and
     the figures drawn beside it (while report.json is locked, from the report just written). `keep_checkpoints`:
     a smoke run keeps its cells' checkpoints (harness.runner.run). `formats`: the figures' file formats
-    (harness.figures.FORMATS)."""
+    (harness.figures.FORMATS). `log`: experiment tracking, {"tensorboard": DIR} or the CLI's (kind, DIR) pairs
+    (harness.tracking; the library's presence is checked here, before anything trains)."""
+    from harness import tracking
     from harness.runner import run as run_spec
+
+    tracker = tracking.create(log)
 
     cell_ids = [cells] if isinstance(cells, str) else list(cells or [])
     drawn: list[Path] = []
@@ -147,7 +152,7 @@ def execute_run(spec: dict, out_dir: Path, console: "Console", *, smoke: bool = 
 
     report = run_spec(spec, out_dir, console, smoke=smoke, cell_ids=cell_ids, fresh=fresh, force=force,
                       overrides=overrides or None, on_report=draw if figures else None,
-                      keep_checkpoints=keep_checkpoints)
+                      keep_checkpoints=keep_checkpoints, tracker=tracker)
     return report, drawn
 
 
@@ -158,7 +163,7 @@ def failed_cells(report: dict) -> list[str]:
 def run(spec: SpecSource, out: str | PathLike | None = None, *, overrides: Overrides = None, download: bool = False,
         smoke: bool = False, data_root: str | PathLike | None = None, seed: int | None = None,
         cells: str | Iterable[str] | None = None, fresh: bool = False, force: bool = False, figures: bool = True,
-        console: "Console | None" = None, quiet: bool = False) -> dict | None:
+        log: Mapping[str, Any] | None = None, console: "Console | None" = None, quiet: bool = False) -> dict | None:
     """Train and evaluate every cell of a spec, as `harness run SPEC` does; return the report document.
 
     spec: the path of a JSON spec, or the spec as a dict (validated exactly as a file is).
@@ -169,6 +174,8 @@ def run(spec: SpecSource, out: str | PathLike | None = None, *, overrides: Overr
         validation (the CLI's --set); `download=True` lets the dataset plugin download missing data.
     smoke, data_root, seed, cells: the CLI's --smoke, --data-root, --seed and --cell.
     figures: draw Figures 2-4 beside report.json (the CLI always does).
+    log: experiment tracking, the CLI's --log: {"tensorboard": "runs/"} writes TensorBoard scalars per epoch and
+        per cell under runs/<spec name>-seed<N>/<cell id>/ (needs `pip install 'harness[tensorboard]'`).
     console: a rich Console for the progress and messages (default: a new one; `quiet=True` silences it).
 
     Returns the report (as written to OUT/report.json), or None in a torchrun process other than rank 0.
@@ -177,7 +184,7 @@ def run(spec: SpecSource, out: str | PathLike | None = None, *, overrides: Overr
     resolved, out_dir, applied = prepare_run(spec, out, overrides=overrides, download=download, smoke=smoke,
                                              data_root=data_root, seed=seed)
     report, _ = execute_run(resolved, out_dir, _console(console, quiet), smoke=smoke, cells=cells, fresh=fresh,
-                            force=force, overrides=applied, figures=figures)
+                            force=force, overrides=applied, figures=figures, log=log)
     if report is not None and failed_cells(report):
         failure = RunFailure(f"{len(failed_cells(report))} cell(s) failed: {', '.join(failed_cells(report))}",
                              fix=f"see each cell's error in {out_dir / 'report.json'} (the exception's .report)")

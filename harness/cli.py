@@ -16,6 +16,7 @@ from rich.table import Table
 
 from harness import registry
 from harness.errors import HarnessError
+from harness.tracking import KINDS as TRACKERS
 
 console = Console()
 err_console = Console(stderr=True)
@@ -95,11 +96,15 @@ def spec_overrides(command):
               "folder reports/<spec name>-seed<N>/); `harness report --across-seeds` summarises several seeds.")
 @click.option("--keep-checkpoints", is_flag=True, help="With --smoke: keep each cell's checkpoint (by default a "
               "smoke run deletes it once the cell's result is written).")
+@click.option("--log", "log", multiple=True, nargs=2, metavar="KIND DIR",
+              type=(click.Choice(list(TRACKERS)), click.Path(path_type=Path, file_okay=False)),
+              help="Experiment tracking: `--log tensorboard DIR` writes TensorBoard scalars per epoch and per cell, "
+                   "one run per cell under DIR/<spec name>-seed<N>/<cell id>/ (pip install 'harness[tensorboard]').")
 @figure_format_option
 @spec_overrides
 def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None,
         cell_ids: tuple[str, ...], fresh: bool, force: bool, seed: int | None, keep_checkpoints: bool,
-        overrides: tuple[str, ...], download: bool, figure_formats: str) -> None:
+        log: tuple[tuple[str, Path], ...], overrides: tuple[str, ...], download: bool, figure_formats: str) -> None:
     """Train and evaluate every cell of SPEC; write report.json and print the table.
 
     Every epoch of every cell is checkpointed under OUT/checkpoints/. Running the same command again skips the
@@ -120,7 +125,7 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
     try:  # figures: drawn by the run while it holds report.json's lock, from the report it wrote
         report, figures = api.execute_run(spec, out_dir, console, smoke=smoke, cells=cell_ids, fresh=fresh,
                                           force=force, overrides=applied, keep_checkpoints=keep_checkpoints,
-                                          formats=formats)
+                                          formats=formats, log=log)
     except Interrupted as exc:  # the command as the user ran it (invoked_as), but never --fresh: that would start over
         again = [*invoked_as(), "run", str(spec_path), "--out", str(out_dir)]
         again += (["--smoke"] if smoke else []) + (["--data-root", str(data_root)] if data_root else [])
@@ -128,6 +133,7 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
         again += ["--force"] if force else []  # a checkpoint resumed despite a changed spec needs it again
         again += ["--seed", str(seed)] if seed is not None else []
         again += ["--format", ",".join(formats)] if formats != ("png",) else []
+        again += [arg for kind, folder in log for arg in ("--log", kind, str(folder))]
         again += [arg for override in applied for arg in ("--set", override)]
         again += [arg for cell_id in cell_ids for arg in ("--cell", cell_id)]
         exc.fix = "resume with: " + " ".join(shlex.quote(a) for a in again)

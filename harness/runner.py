@@ -40,6 +40,7 @@ from harness.train import steps_per_epoch, train
 from harness import checkpoint, integrity, merge
 from harness import spec as spec_mod
 from harness import threads
+from harness import tracking
 from harness.interrupt import InterruptGuard, TrainingStopped
 from harness.progress import Overall, Phases, batch_hook
 from harness.paths import (WriteFailed, check_dataset_root, check_writable, inside, locked, remove_stale_temps,
@@ -247,7 +248,8 @@ def report_document(spec: dict, data: DataSplits, env: dict, cells: list[dict], 
 
 def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, progress: Phases,
              runtime: Runtime | None = None, out_dir: Path | None = None,
-             guard: InterruptGuard | None = None, force: bool = False) -> dict | None:
+             guard: InterruptGuard | None = None, force: bool = False,
+             tracker: tracking.Trackers | None = None) -> dict | None:
     seed_everything(spec["seed"])  # the same initialisation for every strength: cells differ only by strength
     model = build_model(cell.model, data.num_classes, data.input_shape).to(device)
     performance = Performance(device)  # a plain fp32 loop when no runtime is given
@@ -283,12 +285,15 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     save = (lambda state: checkpoint.save(ckpt_path, {**state, **ident})) if ckpt_path is not None and writes else None
     stop = (runtime or Runtime()).stop_check(guard) if guard is not None else None
     done = 0 if resume is None else resume["epoch"] * steps_per_epoch(data, cfg) + resume["step"]
+    if tracker:  # harness.tracking (rank 0 only): the history resumed from now, then each epoch as it ends
+        tracker.start_cell(cell.id, resume["history"] if resume is not None else [], hparams(cell))
 
     progress.start(f"cell {cell.id}", "training", cfg["epochs"] * steps_per_epoch(data, cfg), completed=done,
                    unit="steps")
     try:
         history = train(model, defense, data, cfg, device, spec["seed"], on_step=progress.advance,
-                        runtime=runtime, resume=resume, on_checkpoint=save, should_stop=stop)
+                        runtime=runtime, resume=resume, on_checkpoint=save, should_stop=stop,
+                        on_epoch=tracker.epoch if tracker else None)
     except TrainingStopped as exc:
         if runtime is not None and runtime.distributed is not None:
             runtime.distributed.barrier()  # no rank exits before rank 0 has written the checkpoint
@@ -344,6 +349,11 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         raise RunFailure(f"cell {cell.id}: its results hold non-finite numbers (the model's outputs overflow or are "
                          "NaN): " + "; ".join(m.split(":")[0] for m in non_finite[:10]))
     return result
+
+
+def hparams(cell: Cell) -> dict:
+    """What a cell varies, for a tracker's hyperparameter view (harness.tracking)."""
+    return {"model": cell.model["label"], "strength": cell.strength}
 
 
 def phase_check(cell: Cell, phase: str, guard: InterruptGuard | None, ckpt_path: Path | None) -> Callable[[], None]:
@@ -416,7 +426,8 @@ def saying_last_good_checkpoint(cell: Cell, ckpt_path: Path) -> Iterator[None]:
 
 def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cell_ids: list[str] | None = None,
         fresh: bool = False, force: bool = False, on_report: Callable[[dict], None] | None = None,
-        overrides: list[str] | None = None, keep_checkpoints: bool = False) -> dict | None:
+        overrides: list[str] | None = None, keep_checkpoints: bool = False,
+        tracker: tracking.Trackers | None = None) -> dict | None:
     """Run every cell of a validated spec (or those of `cell_ids`); write cells/<id>.json and report.json under
     out_dir; return the report.
 
@@ -428,6 +439,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
     `overrides`: the `--set PATH=VALUE` overrides the spec was validated with, recorded in the report.
     A smoke run deletes each cell's checkpoint once the cell's result is written (a pipeline check need not keep
     hundreds of MB of weights), unless `keep_checkpoints`; until then an interrupted smoke run resumes as any run.
+    `tracker` (harness.tracking.create; `--log`): each cell's epochs and metrics, logged by rank 0.
 
     Several jobs may share out_dir: a cell is run by one job at a time (`cell_lock`; a second job on the same
     cell waits, then keeps or resumes what the first left), and report.json is rebuilt under a lock.
@@ -472,6 +484,9 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
             console = Console(quiet=True)
     performance.apply_global()
     runtime = Runtime(performance, distributed)
+    if tracker is None or (distributed is not None and not distributed.is_main):
+        tracker = tracking.Trackers()  # none asked for; under torchrun rank 0 alone logs
+    tracker.run = tracking.run_name(spec, smoke)
     data = performance.prepare_data(data)
     console.print(f"[bold]{spec['name']}[/bold]: {len(plan(spec))} cells on {device}; data: {data.source or spec['dataset']['name']} "
                   f"({len(data.train)} train / {len(data.test)} test, {data.num_classes} classes, input {data.input_shape})")
@@ -480,7 +495,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
     cells = []
     overall = Overall(len(selected), sum(decisions[c.id] != "skip" for c in selected))
     with Phases(console) as progress, InterruptGuard(hold_after_stop=distributed is not None) as guard, \
-            contextlib.ExitStack() as held:
+            contextlib.ExitStack() as held, contextlib.closing(tracker):
         stop = runtime.stop_check(guard)
         for index, cell in enumerate(selected, start=1):
             result_path, ckpt_path = checkpoint.cell_paths(out_dir, cell.id)
@@ -500,6 +515,9 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                     kept = None
                 if kept is not None:
                     cells.append(kept)
+                    if tracker:  # logged again as it is: a tracker added after the cell finished still shows it
+                        tracker.start_cell(cell.id, kept.get("history") or [], hparams(cell))
+                        tracker.finish_cell(kept)
                     if planned != "skip":
                         overall.kept()
                     console.print(f"cell {cell.id}: finished earlier under the same spec, kept ({result_path})")
@@ -513,7 +531,8 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                     console.print(f"cell {cell.id}: resuming from {ckpt_path}")
             began = time.perf_counter()
             try:
-                result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard, force=force)
+                result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard, force=force,
+                                  tracker=tracker)
             except WriteFailed:
                 raise  # a full or read-only disk stops the run (exit 1): no later cell could be saved either
             except RunFailure as exc:
@@ -530,6 +549,7 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                 if reference is not None:
                     result["paper"] = reference
             result = integrity.write_cell(result_path, result)  # with its checksum
+            tracker.finish_cell(result)  # its metrics (a failed cell: its curves so far)
             cells.append(result)
             overall.finished(time.perf_counter() - began)
             if smoke and not keep_checkpoints and result["status"] == "done":

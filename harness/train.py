@@ -97,6 +97,7 @@ def train(
     resume: dict | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train `model` in place for cfg['epochs'] epochs; return the per-epoch history.
 
@@ -105,6 +106,7 @@ def train(
     Checkpoints (harness.checkpoint): `on_checkpoint(state)` receives the full training state after every epoch;
     when `should_stop()` turns true it receives the state at that step boundary and TrainingStopped is raised.
     `resume` is such a state: training continues from it exactly (see harness.checkpoint for how).
+    `on_epoch(record)` receives each epoch's history record once its checkpoint is written (harness.tracking).
     """
     runtime = runtime or Runtime()
     step_model = runtime.training_model(model)
@@ -170,6 +172,8 @@ def train(
                         "seconds": time.perf_counter() - started})
         if on_checkpoint is not None:
             on_checkpoint(training_state(model, optimizer, scheduler, order, epoch, 0, history, order.get_state()))
+        if on_epoch is not None:
+            on_epoch(history[-1])
     return history
 
 

@@ -48,7 +48,8 @@ def undeclared(folders, allowed: set[str]) -> dict[str, list[str]]:
 
 
 def test_package_imports_are_declared_dependencies():
-    assert undeclared(["harness", "plugins"], declared()) == {}
+    # an optional extra's import is guarded (harness.tracking: BadInput naming the extra when it is missing)
+    assert undeclared(["harness", "plugins"], declared() | declared("tensorboard")) == {}
 
 
 def test_test_imports_are_declared_dependencies():
