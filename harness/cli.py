@@ -136,7 +136,11 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
         again += [arg for kind, folder in log for arg in ("--log", kind, str(folder))]
         again += [arg for override in applied for arg in ("--set", override)]
         again += [arg for cell_id in cell_ids for arg in ("--cell", cell_id)]
-        exc.fix = "resume with: " + " ".join(shlex.quote(a) for a in again)
+        from harness.distributed import Distributed
+
+        distributed = Distributed.from_env()
+        if distributed is None or distributed.is_main:  # under torchrun the hint is printed once, by rank 0
+            exc.fix = "resume with: " + " ".join(shlex.quote(a) for a in again)
         raise
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return

@@ -14,8 +14,12 @@ What each rank does, per cell:
   shard has the same size and DDP's gradient average equals the single-process gradient of the mean loss;
 - computes adversaries on the *unwrapped* module (see `_Routed`), and the loss the optimizer follows through
   the DDP wrapper, whose backward averages gradients over ranks;
-- rank 0 alone evaluates the cell and writes files; the others wait at a barrier (the process group's timeout is
-  long, TIMEOUT, because evaluation under strong attacks can take a while).
+- rank 0 alone evaluates the cell and writes files; the others wait for it (the process group's timeout is
+  long, TIMEOUT, because evaluation under strong attacks can take a while). They wait in `follow`, not a bare
+  barrier: rank 0 ends each such stretch alone (`leading`) by telling them how it ended (one all-reduce of its
+  exit code, 0 when it went on), also when it stops by a signal or fails, so every rank exits with rank 0's code
+  (130/143 for a signal, 2 or 1 for an error) instead of dying in a collective rank 0 never joins (a gloo error
+  and a traceback, or torchrun's SIGTERM: exit -15). The same holds while rank 0 alone waits for a cell's lock.
 
 A stop request (SIGINT/SIGTERM, harness.interrupt) is agreed on: at every step boundary the ranks all-reduce
 (max) the number of the signal each has seen, so a signal that reaches one rank a step before another (or only
@@ -29,8 +33,10 @@ shard stayed finite would wait in the backward's all-reduce for a rank that had 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import signal
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -38,9 +44,26 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from harness.errors import BadInput
+from harness.errors import BadInput, HarnessError
 
 TIMEOUT = dt.timedelta(hours=12)
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code the CLI gives `exc`: a HarnessError's own (Interrupted: 128+signal), 130 for a
+    KeyboardInterrupt (a second Ctrl-C), 1 for anything else."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return int(getattr(exc, "exit_code", 1) or 1)
+
+
+class MainRankFailed(HarnessError):
+    """Raised on the other ranks when rank 0, working alone, failed: they exit with rank 0's code, and the error
+    that says why is rank 0's own (printed by rank 0)."""
+
+    def __init__(self, rank: int, code: int, where: str):
+        super().__init__(f"rank {rank} stopped because rank 0 failed (exit {code}) {where}; rank 0's error says why")
+        self.exit_code = code
 
 
 class _Routed(nn.Module):
@@ -104,6 +127,43 @@ class Distributed:
 
     def barrier(self) -> None:
         torch_dist.barrier()
+
+    @contextlib.contextmanager
+    def leading(self, *, alone: bool = True) -> Iterator[None]:
+        """Rank 0: a block it runs alone while the other ranks wait in `follow`; at its end rank 0 tells them how
+        it ended (one all-reduce of its exit code: 0 when it went on), also on a signal or an error, before
+        re-raising it, so that they exit as rank 0 does. `alone=False`: the block starts with work every rank does
+        together (a cell's training, whose stops and failures every rank sees at once); `alone()` then marks the
+        point from which rank 0 works alone, and a block left before it tells nothing."""
+        self._owed = alone
+        try:
+            yield
+        except BaseException as exc:
+            if self._owed:
+                self._owed = False
+                self._all_reduce([exit_code_of(exc)], torch.int64, torch_dist.ReduceOp.MAX)
+            raise
+        if self._owed:
+            self._owed = False
+            self._all_reduce([0], torch.int64, torch_dist.ReduceOp.MAX)
+
+    def alone(self) -> None:
+        """Inside `leading(alone=False)`: from here rank 0 works alone (the others are in `follow`)."""
+        self._owed = True
+
+    def follow(self, guard, where: str) -> None:
+        """The other ranks: wait for rank 0's `leading` block to end and end as it did: go on when it went on;
+        stop with its signal's Interrupted (guard adopts it: same exit code, 130/143) or with MainRankFailed (its
+        exit code) otherwise. `where` completes the message ("while evaluating cell X")."""
+        code = int(self._all_reduce([0], torch.int64, torch_dist.ReduceOp.MAX)[0])
+        if not code:
+            return
+        signum = code - 128
+        if signum in {int(s) for s in signal.Signals}:
+            if guard.signum is None:
+                guard.adopt(signum)
+            raise guard.interrupted(f"rank {self.rank} stopped with rank 0 {where}")
+        raise MainRankFailed(self.rank, code, where)
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.world_size:

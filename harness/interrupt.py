@@ -55,10 +55,11 @@ class InterruptGuard:
     """Context manager: while active, SIGINT/SIGTERM set `signum` instead of killing the process."""
 
     def __init__(self, *, hold_after_stop: bool = False) -> None:
-        """`hold_after_stop` (torchrun ranks): when the block ends with Interrupted, further SIGINT/SIGTERM are
-        ignored until the process exits instead of the previous handlers being restored. The ranks stop together,
-        but one exits first, and torchrun then sends SIGTERM to the others: a rank still printing its message or
-        shutting down must not be killed by it (exit -15 instead of 143). torchrun sends SIGKILL after 30 s."""
+        """`hold_after_stop` (torchrun ranks): when the block ends with an exception (Interrupted, or an error the
+        ranks agreed on: harness.distributed.MainRankFailed), further SIGINT/SIGTERM are ignored until the process
+        exits instead of the previous handlers being restored. The ranks stop together, but one exits first, and
+        torchrun then sends SIGTERM to the others: a rank still printing its message or shutting down must not be
+        killed by it (exit -15 instead of 143, or of rank 0's code). torchrun sends SIGKILL after 30 s."""
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self.hold_after_stop = hold_after_stop
@@ -70,7 +71,7 @@ class InterruptGuard:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        hold = self.hold_after_stop and exc_type is not None and issubclass(exc_type, Interrupted)
+        hold = self.hold_after_stop and exc_type is not None
         for sig, handler in self._previous.items():
             # SIG_IGN, not a Python function: Python resets its own handlers to the default while it shuts down,
             # and torch's teardown is slow enough for torchrun's SIGTERM to land then (seen: exit -15 under load)

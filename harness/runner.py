@@ -300,8 +300,10 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
         raise guard.interrupted(f"cell {cell.id} stopped after step {exc.step} of epoch {exc.epoch}; "
                                 f"checkpoint written to {ckpt_path}") from None
     progress.finish()
-    if runtime is not None and runtime.distributed is not None and not runtime.distributed.is_main:
-        return None  # rank 0 evaluates and writes
+    if runtime is not None and runtime.distributed is not None:
+        if not runtime.distributed.is_main:
+            return None  # rank 0 evaluates and writes; the others wait in Distributed.follow (run's cell loop)
+        runtime.distributed.alone()  # from here on, how rank 0's part ends is told to the others (leading)
 
     eval_bs = spec["evaluation"]["batch_size"]
     label = f"cell {cell.id}"
@@ -375,9 +377,10 @@ def phase_check(cell: Cell, phase: str, guard: InterruptGuard | None, ckpt_path:
 def cell_lock(out_dir: Path, cell: Cell, console: Console, guard: InterruptGuard, distributed) -> Iterator[None]:
     """Hold cell's lock (out_dir/.locks/<id>.lock) while it runs, so that two jobs never train one cell: the second
     says so and waits (honouring SIGINT/SIGTERM while it waits), then takes the cell as the first left it. Under
-    torchrun, rank 0 holds it for the job and the other ranks wait at a barrier."""
+    torchrun, rank 0 holds it for the job and the other ranks wait for it (Distributed.follow: when rank 0 is
+    stopped while it waits, they stop with it)."""
     if distributed is not None and not distributed.is_main:
-        distributed.barrier()
+        distributed.follow(guard, f"while it waited for cell {cell.id}'s lock")
         yield
         return
     path = inside(out_dir / ".locks", cell.id + ".lock", where=f"cell {cell.id!r}")
@@ -390,9 +393,9 @@ def cell_lock(out_dir: Path, cell: Cell, console: Console, guard: InterruptGuard
         if guard.requested():
             raise guard.interrupted(f"stopped while waiting for cell {cell.id}, which another job is running")
 
-    with locked(path, on_wait=waiting, poll=poll) as waited:
-        if distributed is not None:
-            distributed.barrier()
+    with contextlib.ExitStack() as stack:
+        with distributed.leading() if distributed is not None else contextlib.nullcontext():
+            waited = stack.enter_context(locked(path, on_wait=waiting, poll=poll))
         if waited:
             console.print(f"cell {cell.id}: the other job is done with it", markup=False, highlight=False)
         yield
@@ -530,31 +533,39 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
                 else:
                     console.print(f"cell {cell.id}: resuming from {ckpt_path}")
             began = time.perf_counter()
-            try:
-                result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard, force=force,
-                                  tracker=tracker)
-            except WriteFailed:
-                raise  # a full or read-only disk stops the run (exit 1): no later cell could be saved either
-            except RunFailure as exc:
-                progress.drop()
-                result = {"id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
-                          "defense": spec["defense"]["name"], "strength": cell.strength, "status": "failed",
-                          "error": str(exc), "spec_digest": spec_digest(spec)}
-            if distributed is not None:
-                distributed.barrier()
-                if not distributed.is_main:
-                    continue
-            if result["status"] == "done" and cell.model.get("paper_block"):
-                reference = paper.compare(cell.model["paper_block"], cell.strength, result["metrics"])
-                if reference is not None:
-                    result["paper"] = reference
-            result = integrity.write_cell(result_path, result)  # with its checksum
-            tracker.finish_cell(result)  # its metrics (a failed cell: its curves so far)
-            cells.append(result)
-            overall.finished(time.perf_counter() - began)
-            if smoke and not keep_checkpoints and result["status"] == "done":
-                ckpt_path.unlink(missing_ok=True)  # its result is written: a smoke run keeps no weights unless asked
-            render_cell_summary(result, console)
+            if distributed is not None and not distributed.is_main:
+                try:
+                    trained = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard, force=force,
+                                       tracker=tracker) is None
+                except RunFailure:  # a non-finite loss, agreed: rank 0 failed the cell at the same step
+                    trained = False
+                if trained:  # rank 0 evaluates and writes it alone: stop as it stops, fail as it fails
+                    distributed.follow(guard, f"while it evaluated cell {cell.id}")
+                continue
+            # under torchrun, rank 0 tells the others how its part of the cell (after training) ended, also when it
+            # ends by a signal or an error (Distributed.leading): every rank then exits with the same code
+            with distributed.leading(alone=False) if distributed is not None else contextlib.nullcontext():
+                try:
+                    result = run_cell(cell, spec, data, device, progress, runtime, out_dir, guard, force=force,
+                                      tracker=tracker)
+                except WriteFailed:
+                    raise  # a full or read-only disk stops the run (exit 1): no later cell could be saved either
+                except RunFailure as exc:
+                    progress.drop()
+                    result = {"id": cell.id, "model": cell.model["label"], "model_name": cell.model["name"],
+                              "defense": spec["defense"]["name"], "strength": cell.strength, "status": "failed",
+                              "error": str(exc), "spec_digest": spec_digest(spec)}
+                if result["status"] == "done" and cell.model.get("paper_block"):
+                    reference = paper.compare(cell.model["paper_block"], cell.strength, result["metrics"])
+                    if reference is not None:
+                        result["paper"] = reference
+                result = integrity.write_cell(result_path, result)  # with its checksum
+                tracker.finish_cell(result)  # its metrics (a failed cell: its curves so far)
+                cells.append(result)
+                overall.finished(time.perf_counter() - began)
+                if smoke and not keep_checkpoints and result["status"] == "done":
+                    ckpt_path.unlink(missing_ok=True)  # its result is written: a smoke run keeps no weights unless asked
+                render_cell_summary(result, console)
     if distributed is not None:
         distributed.shutdown()
         if not distributed.is_main:

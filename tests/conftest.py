@@ -124,6 +124,28 @@ class RaisesInPerturb(AttackPlugin):
         raise ValueError("this attack handles only 3-channel images")
 
 
+class WaitsForGate(AttackPlugin):
+    """No perturbation; each call first waits (up to 10 min) until the file $HARNESS_TEST_GATE exists: a test
+    opens it only after its signal was sent, so the evaluation cannot end before the signal lands."""
+
+    def perturb(self, model, x, y):
+        import time
+
+        gate, deadline = os.environ.get("HARNESS_TEST_GATE"), time.monotonic() + 600
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return x
+
+
+class RefusesTheInput(AttackPlugin):
+    """Says the input is wrong (BadInput, exit 2) at its first call, as a plugin may once it sees the data."""
+
+    def perturb(self, model, x, y):
+        from harness.errors import BadInput
+
+        raise BadInput("refuses-the-input: these images are not what it attacks", fix="use another attack")
+
+
 class LeavesTheBall(AttackPlugin):
     """Fine for the first cell; from then on it moves images by 3 eps (a broken projection)."""
 
@@ -148,7 +170,8 @@ def evil_plugins(tmp_path, monkeypatch):
         "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\n"
         "nan-gradient = evil_plugins:NaNGradientEndingEpoch2\nnan-on-rank-1 = evil_plugins:NaNOnRank1\n"
         "raises-in-loss = evil_plugins:RaisesInLoss\n\n"
-        "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\nraises-in-perturb = evil_plugins:RaisesInPerturb\n\n"
+        "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\nraises-in-perturb = evil_plugins:RaisesInPerturb\n"
+        "waits-for-gate = evil_plugins:WaitsForGate\nrefuses-the-input = evil_plugins:RefusesTheInput\n\n"
         "[harness.models]\nbroken = evil_broken:Net\n")
     monkeypatch.syspath_prepend(str(site))
     yield site

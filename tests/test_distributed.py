@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -174,3 +175,143 @@ def test_a_non_finite_loss_on_one_rank_fails_the_cell_on_every_rank_and_the_next
     failed, done = report["cells"]
     assert (failed["id"], failed["status"], done["id"], done["status"]) == ("lenet__s8", "failed", "lenet__s0", "done")
     assert "non-finite in another process's shard at epoch 2, step 1" in failed["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_a_signal_while_rank_0_evaluates_alone_stops_every_rank_with_its_code_and_resumes(evil_plugins, tmp_path):
+    """Rank 0 evaluates a cell alone while rank 1 waits for it. A SIGTERM reaching rank 0 then must stop rank 1 too,
+    with the same exit code (143) and without a traceback (rank 1 once died in a barrier rank 0 never reached:
+    a gloo error, or torchrun's SIGTERM); the resume hint is printed once; the trained checkpoint is kept and the
+    resumed run's cell equals an uninterrupted run's."""
+    import signal
+
+    from harness import checkpoint
+
+    from conftest import without_timings
+
+    spec = json.loads(json.dumps(SPEC))
+    spec["defense"]["strengths"] = [16]
+    spec["training"].update(epochs=2, max_batches=1)
+    # the gate attack waits until the test opens it, after its signal was sent: the evaluation is still going on
+    # when the signal lands, however loaded the machine
+    spec["evaluation"]["attacks"].insert(0, {"name": "waits-for-gate", "eps": 16})
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    gate = tmp_path / "gate"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HARNESS_TEST_GATE=str(gate),
+               PYTHONPATH=os.pathsep.join([str(evil_plugins), env.get("PYTHONPATH", "")]))
+
+    def command(out: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / out)]
+
+    ckpt = tmp_path / "two" / "checkpoints" / "lenet__s16.pt"
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(command("two"), stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        seen = []
+        for line in proc.stdout:  # rank 0 announces each phase as it starts (a log gets one line per phase)
+            seen.append(line)
+            if line.startswith("cell lenet__s16: evaluating ("):
+                rank0 = _worker_pid(proc.pid, 0)
+                assert rank0 is not None
+                os.kill(rank0, signal.SIGTERM)
+                break
+        gate.touch()
+        stdout = "".join(seen) + proc.communicate(timeout=300)[0]
+        err.seek(0)
+        stderr = err.read()
+    output = stdout + stderr
+    assert seen and seen[-1].startswith("cell lenet__s16: evaluating ("), output[-3000:]
+    assert proc.returncode != 0
+    # torchrun's own traceback (it raises ChildFailedError when a rank exits non-zero) is torchrun's: none else
+    ours = re.sub(r"Traceback \(most recent call last\):\n(?:  .*\n)+?torch\.distributed\.elastic\.multiprocessing"
+                  r"\.errors\.ChildFailedError:", "", output)
+    assert ours.count("Traceback") == 0 and "gloo" not in ours.lower(), ours[-5000:]
+    assert "interrupted by SIGTERM: cell lenet__s16 stopped while evaluating" in stderr, stderr[-3000:]
+    assert "interrupted by SIGTERM: rank 1 stopped with rank 0 while it evaluated cell lenet__s16" in stderr
+    assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # torchrun's summary: each rank exited 143
+    assert "exitcode  : -15" not in stderr
+    assert stderr.count("fix: resume with: ") == 1, stderr[-3000:]  # printed by rank 0 alone
+    assert not (tmp_path / "two" / "cells" / "lenet__s16.json").exists()
+    state = checkpoint.load(ckpt)  # the finished training is kept: the resume only re-evaluates
+    assert (state["epoch"], state["step"]) == (2, 0)
+
+    resumed = subprocess.run(command("two"), capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "re-evaluating (training unchanged)" in resumed.stdout
+    straight = subprocess.run(command("straight"), capture_output=True, text=True, env=env, timeout=300)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    a = json.loads((tmp_path / "two" / "report.json").read_text())["cells"]
+    b = json.loads((tmp_path / "straight" / "report.json").read_text())["cells"]
+    assert a[0]["resumed_from"] == {"epoch": 2, "step": 0}
+    assert without_timings(a) == without_timings(b)
+
+
+def test_an_error_of_rank_0_while_it_evaluates_alone_ends_every_rank_with_its_code(evil_plugins, tmp_path):
+    """Rank 0 fails alone (an attack plugin says the input is wrong: BadInput, exit 2) while rank 1 waits for it:
+    rank 1 ends with the same code and one line pointing to rank 0's error, at once (not after the process group's
+    12 h timeout), without a gloo error or a traceback; the message the user reads is rank 0's."""
+    spec = json.loads(json.dumps(SPEC))
+    spec["defense"]["strengths"] = [16]
+    spec["training"].update(epochs=1, max_batches=1)
+    spec["evaluation"]["attacks"] = [{"name": "refuses-the-input", "eps": 16}]
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(evil_plugins), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    ours = re.sub(r"Traceback \(most recent call last\):\n(?:  .*\n)+?torch\.distributed\.elastic\.multiprocessing"
+                  r"\.errors\.ChildFailedError:", "", output)
+    assert ours.count("Traceback") == 0 and "gloo" not in ours.lower(), ours[-5000:]
+    assert proc.stderr.count("error: refuses-the-input: these images are not what it attacks") == 1, output[-3000:]
+    assert "error: rank 1 stopped because rank 0 failed (exit 2) while it evaluated cell lenet__s16; rank 0's " \
+           "error says why" in proc.stderr.replace("\n", "")
+    assert proc.stderr.count("exitcode  : 2 ") == 2, proc.stderr[-3000:]  # torchrun's summary: both ranks exit 2
+    assert not (tmp_path / "out" / "cells" / "lenet__s16.json").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_a_signal_while_rank_0_waits_for_a_cell_lock_stops_every_rank_with_its_code(tmp_path):
+    """Another job holds the cell's lock: rank 0 waits for it (polling its stop request) while rank 1 waits for
+    rank 0. A SIGTERM reaching rank 0 stops both with exit 143, no traceback, the resume hint once."""
+    import signal
+
+    from harness.paths import locked
+
+    spec = json.loads(json.dumps(SPEC))
+    spec["defense"]["strengths"] = [16]
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    with locked(tmp_path / "out" / ".locks" / "lenet__s16.lock"), open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / "out")],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "another job (pid" in line:  # rank 0 waits for the lock this test holds
+                os.kill(_worker_pid(proc.pid, 0), signal.SIGTERM)
+                break
+        stdout = "".join(seen) + proc.communicate(timeout=300)[0]
+        err.seek(0)
+        stderr = err.read()
+    output = stdout + stderr
+    assert seen and "another job (pid" in seen[-1], output[-3000:]
+    ours = re.sub(r"Traceback \(most recent call last\):\n(?:  .*\n)+?torch\.distributed\.elastic\.multiprocessing"
+                  r"\.errors\.ChildFailedError:", "", output)
+    assert ours.count("Traceback") == 0 and "gloo" not in ours.lower(), ours[-5000:]
+    assert "interrupted by SIGTERM: stopped while waiting for cell lenet__s16" in stderr, stderr[-3000:]
+    assert "interrupted by SIGTERM: rank 1 stopped with rank 0 while it waited for cell lenet__s16's lock" in stderr
+    assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]
+    assert stderr.count("fix: resume with: ") == 1
+    assert not (tmp_path / "out" / "checkpoints" / "lenet__s16.pt").exists()  # nothing trained
