@@ -70,7 +70,13 @@ def empty_schema() -> dict:
 
 
 class Plugin:
-    """Common base: a JSON-Schema for the options, a one-line summary (the class docstring's first line)."""
+    """Common base: a JSON-Schema for the options, a one-line summary (the class docstring's first line).
+
+    Optional: `check_options(options) -> list[str]`, a static or class method for what a JSON Schema cannot say
+    (a bound on several options together, e.g. the memory they allocate). `harness validate` calls it with the
+    options already valid under `options_schema` and their defaults filled; each string it returns is one problem
+    (what is wrong and how to fix it), reported at the options' JSON path, so that what validate accepts, run can
+    run."""
 
     options_schema: ClassVar[dict] = empty_schema()
 

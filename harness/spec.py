@@ -197,7 +197,13 @@ def validate(spec: Any, *, models: bool = True, evaluation_only: bool = False) -
             continue
         options = site.get("options", {})
         if isinstance(options, dict):
-            errors += schema_errors(options, schema, prefix=f"{where}.options")
+            problems = schema_errors(options, schema, prefix=f"{where}.options")
+            errors += problems
+            check = getattr(plugin, "check_options", None)
+            if not problems and callable(check):  # what the schema cannot say (harness.plugin.Plugin)
+                filled = fill_defaults(copy.deepcopy(options), schema)
+                with registry.plugin_boundary(kind, name, "check_options"):
+                    errors += [f"{where}.options: {problem}" for problem in check(filled)]
     for label_errors in (_duplicate_labels(spec.get("models"), "models"),
                          _duplicate_labels(_get(spec, ["evaluation", "attacks"]), "evaluation.attacks"),
                          colliding_cells(spec), _smoke_strengths(spec)):

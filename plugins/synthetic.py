@@ -9,6 +9,17 @@ import torch
 
 from harness.plugin import DataSplits, DatasetPlugin, Split
 
+MEMORY_CAP = 8 * 2**30  # bytes: what validate lets the two splits take (harness.plugin.Plugin.check_options)
+
+
+def memory_estimate(num_classes: int, shape, train_size: int, test_size: int) -> int:
+    """Bytes the two splits take at least: the uint8 images of both, kept; a float32 copy of both, as training
+    and evaluation convert them; the float32 prototypes; and while the larger split is made, its float32
+    noise and prototype-per-sample tensors."""
+    pixels = shape[0] * shape[1] * shape[2]
+    total = train_size + test_size
+    return pixels * (total * (1 + 4) + 4 * num_classes + 2 * 4 * max(train_size, test_size))
+
 
 def make_synthetic(num_classes: int, shape: tuple[int, int, int], n: int, noise: float, seed: int) -> Split:
     gen = torch.Generator().manual_seed(seed)
@@ -25,7 +36,7 @@ class Synthetic(DatasetPlugin):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "num_classes": {"type": "integer", "minimum": 2, "default": 10},
+            "num_classes": {"type": "integer", "minimum": 2, "maximum": 100000, "default": 10},
             "shape": {"description": "[channels, height, width]", "type": "array", "items": {"type": "integer", "minimum": 1},
                       "minItems": 3, "maxItems": 3, "default": [3, 32, 32]},
             "train_size": {"type": "integer", "minimum": 1, "default": 512},
@@ -35,6 +46,18 @@ class Synthetic(DatasetPlugin):
             "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295, "default": 0},
         },
     }
+
+    @staticmethod
+    def check_options(options: dict) -> list[str]:
+        """Any shape and size the schema allows is refused at validate time when the data would not fit in
+        MEMORY_CAP (a run would otherwise fail allocating, or swap, after the spec was accepted)."""
+        need = memory_estimate(options["num_classes"], options["shape"], options["train_size"], options["test_size"])
+        if need <= MEMORY_CAP:
+            return []
+        return [f"synthetic data of shape {list(options['shape'])}, {options['train_size']} train + "
+                f"{options['test_size']} test images and {options['num_classes']} classes needs about "
+                f"{need / 2**30:.1f} GiB of memory, over the {MEMORY_CAP / 2**30:.0f} GiB this dataset allows; "
+                "use a smaller shape, train_size or test_size"]
 
     def __init__(self, num_classes=10, shape=(3, 32, 32), train_size=512, test_size=256, noise=0.3, seed=0):
         self.num_classes, self.shape = num_classes, tuple(shape)

@@ -198,3 +198,24 @@ def test_every_seed_of_every_built_in_schema_fits_32_bits():
 def test_seed_option_beyond_32_bits_is_refused(write_spec, tmp_path):
     result = invoke("run", write_spec(quick_spec()), "--out", tmp_path / "out", "--seed", 2**32)
     assert result.exit_code == 2 and "--seed" in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options", [
+    {"train_size": 2**31 - 1},  # 3 KiB images: about 70 TiB
+    {"shape": [3, 100000, 100000]},  # one image of 30 G pixels
+    {"num_classes": 100000, "shape": [3, 224, 224], "train_size": 1, "test_size": 1},  # the prototypes alone: 56 GiB
+])
+def test_synthetic_data_that_would_not_fit_in_memory_is_refused_at_validate_time(options, tmp_path):
+    """The schema bounds each option of the synthetic dataset, not the memory they take together: validate refuses
+    (Synthetic.check_options) what run could only fail to allocate, with the JSON path and the estimate."""
+    spec = quick_spec()
+    spec["dataset"] = {"name": "synthetic", "options": options}
+    assert check_valid_spec_runs(spec, tmp_path) == "refused"
+    output = invoke("validate", tmp_path / "spec.json").output.replace("\n", "")
+    assert "$.dataset.options: synthetic data of shape" in output and "GiB of memory, over the 8 GiB" in output
+
+
+def test_synthetic_data_within_the_memory_cap_validates_and_runs(tmp_path):
+    spec = quick_spec()
+    spec["dataset"] = {"name": "synthetic", "options": {"shape": [1, 28, 28], "train_size": 32, "test_size": 16}}
+    assert check_valid_spec_runs(spec, tmp_path) == "ran"
