@@ -1,17 +1,25 @@
 """`harness status DIR`: where each cell of a sweep stands, from the files in DIR alone (never the scheduler).
 
-Sources: OUT/cells/<id>.json (done or failed, written by the run), OUT/checkpoints/<id>.pt (the position and the
-history of an unfinished cell), and what `harness submit` wrote under OUT/submit/ (harness.submit: the
-submissions with each cell's job id, each cell's task record, submitit's job logs). The cells are the spec's
+Sources: OUT/cells/<id>.json (done or failed, written by the run; read through harness.integrity.read_cell,
+as the run reads it), OUT/checkpoints/<id>.pt (the position and the history of an unfinished cell), and what
+`harness submit` wrote under OUT/submit/ (harness.submit: the submissions with each cell's job id, each cell's
+task record with its heartbeat, submitit's job logs). The cells are the spec's
 (from the last submission, else from report.json), or, without either, those found in the files.
 
 States, in this order of precedence:
 - done         the cell file says done (Acc./GE/PGD shown)
-- running      its latest job's task record says running (and, for a local job on this host, the process lives)
+- failed       the cell file is damaged (its checksum) or unreadable: the run stops on it with exit 2 until it is
+               deleted; or the cell file says failed, or the task record does (bad input), or the job's log ends
+               in an error
+- running      its latest job's task record says running, and the job shows signs of life: for a job on this
+               host its process lives; for one on another host its heartbeat (harness.submit.heartbeat) is
+               younger than LOST_AFTER intervals
 - queued       submitted and not started yet, or requeued after SIGUSR2 (time limit, preemption)
-- failed       the cell file says failed, or the task record does (bad input), or the job's log ends in an error
-- interrupted  a checkpoint and no live job: stopped by a signal, a job that died, or a plain run stopped
+- interrupted  a checkpoint and no live job: stopped by a signal, a job that died (its process is gone, or no
+               heartbeat for LOST_AFTER intervals: a node failure, SIGKILL, the OOM killer), or a plain run stopped
 - not started  nothing yet
+A cell file that parses but is not a cell result (integrity.Unusable) counts as absent, as the run counts it (the
+cell is evaluated or trained again), and the detail says so.
 """
 
 from __future__ import annotations
@@ -27,12 +35,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from harness import checkpoint
+from harness import checkpoint, integrity
 from harness.errors import BadInput
 from harness.report import TABLE_ROWS
-from harness.submit import read_json_file, state_dir, submissions, task_record_path
+from harness.submit import HEARTBEAT_S, read_json_file, state_dir, submissions, task_record_path
 
 STATES = ("done", "running", "queued", "failed", "interrupted", "not started")
+LOST_AFTER = 5  # heartbeat intervals without one before a running job on another host counts as dead
 STYLES = {"done": "green", "running": "cyan", "queued": "blue", "failed": "red", "interrupted": "yellow",
           "not started": "dim"}
 
@@ -120,6 +129,31 @@ def _alive(host: str | None, pid: int | None) -> bool | None:
     return True
 
 
+def silence(record: dict, now: float | None = None) -> float | None:
+    """Seconds since a running task's last heartbeat when that is more than LOST_AFTER of its intervals, else None
+    (alive as far as the files tell, or a record without heartbeats)."""
+    beat = _epoch(record.get("heartbeat"))
+    if not beat:
+        return None
+    interval = record.get("heartbeat_s") if isinstance(record.get("heartbeat_s"), (int, float)) else HEARTBEAT_S
+    age = (time.time() if now is None else now) - beat
+    return age if age > LOST_AFTER * interval else None
+
+
+def read_cell(path: Path) -> tuple[dict | None, str | None, str | None]:
+    """(the cell result, why it is ignored, why it stops the run) through integrity.read_cell, as the run reads it:
+    an Unusable file counts as absent; a damaged or unreadable one (BadInput) stops `harness run` with exit 2."""
+    try:
+        return integrity.read_cell(path), None, None
+    except integrity.Unusable as exc:
+        return None, f"cell file ignored ({exc.reason}): the cell is {integrity.CELL_REDO}", None
+    except BadInput as exc:
+        if "does not match the checksum" in exc.message:
+            return None, None, (f"cell file damaged: {path} does not match its checksum; `harness run` stops on it "
+                                f"(exit 2) until it is deleted, then the cell is {integrity.CELL_REDO}")
+        return None, None, f"cell file unreadable: {_first_line(exc.message)}; {exc.fix}"
+
+
 def log_error(log_folder: str | None, job_id: str | None) -> str | None:
     """The error a job's stderr (submitit's log) ends with in its latest attempt, if it ended in one."""
     if not log_folder or not job_id:
@@ -196,9 +230,9 @@ def cell_states(out_dir: Path, spec: dict | None) -> list[CellState]:
     states = []
     for cell_id in ids:
         result_path, ckpt_path = checkpoint.cell_paths(out_dir, cell_id)
-        cell = read_json_file(result_path)
-        if not isinstance(cell, dict) or (digest is not None and cell.get("spec_digest") != digest):
-            cell = None  # absent, or a result of another spec
+        cell, ignored, broken = read_cell(result_path)
+        if digest is not None and cell is not None and cell.get("spec_digest") != digest:
+            cell = None  # a result of another spec
         entry, job_id = jobs.get(cell_id, (None, None))
         record = read_json_file(task_record_path(out_dir, cell_id)) or {}
         ours = entry is not None and job_id is not None and record.get("job_id") == job_id
@@ -206,16 +240,24 @@ def cell_states(out_dir: Path, spec: dict | None) -> list[CellState]:
         newer_job = entry is not None and _epoch(entry.get("time")) > result_time
         prog = progress(ckpt_path, train_size)
         state = CellState(cell_id, "not started", job=job_id, progress=prog)
-        if cell is not None and cell.get("status") == "done":
+        if broken:
+            state.state, state.detail = "failed", broken
+        elif cell is not None and cell.get("status") == "done":
             state.state, state.metrics = "done", cell.get("metrics")
             state.detail = "  ".join(f"{row} {fmt.format(cell['metrics'][key])}" for row, key, fmt in TABLE_ROWS)
         elif ours and record.get("state") == "running":
             alive = _alive(record.get("host"), record.get("pid"))
             error = log_error(entry.get("log_folder"), job_id)
+            silent = silence(record) if alive is None else None  # another host: only its heartbeat tells
             if alive is False or error or _local_job_gone(entry, job_id):
                 state.state = "failed" if error else "interrupted"
                 state.detail = error or (f"job {job_id} ended without a result; "
                                          + (_describe_progress(prog) or "no checkpoint"))
+            elif silent is not None:
+                state.state = "interrupted"
+                check = f": `sacct -j {job_id}`" if record.get("executor") == "slurm" else ""
+                state.detail = (f"no sign of life for {_duration(silent)} (the job may have died{check}); "
+                                + (_describe_progress(prog) or "no checkpoint"))
             else:
                 state.state = "running"
                 attempt = f"attempt {record.get('attempt', 1)}, " if record.get("attempt", 1) > 1 else ""
@@ -244,6 +286,8 @@ def cell_states(out_dir: Path, spec: dict | None) -> list[CellState]:
             state.state = "interrupted"
             why = f"stopped by {record['signal']}; " if ours and record.get("signal") else ""
             state.detail = why + _describe_progress(prog)
+        if ignored:
+            state.detail = f"{ignored}; {state.detail}" if state.detail else ignored
         states.append(state)
     return states
 

@@ -23,7 +23,11 @@ Files under OUT/submit/ (`harness status` reads them; it never asks the schedule
 - spec-<sha>.json   the spec file as submitted; jobs read this copy, so editing SPEC changes nothing queued
 - executor.json     the options of the last submission (a valid --executor-config)
 - submissions.json  every submission: time, executor, spec, cells with their job ids, the log folder
-- tasks/<cell>.json what the cell's job last did: running (host, pid, attempt), requeued, stopped, failed, done
+- tasks/<cell>.json what the cell's job last did: running (host, pid, attempt), requeued, stopped, failed, done;
+                    while it runs, its `heartbeat` time, refreshed every `heartbeat_s` seconds (HEARTBEAT_S, or
+                    the environment's HARNESS_HEARTBEAT_S) by a daemon thread of the job: a job killed outright
+                    (node failure, SIGKILL, the OOM killer) writes nothing more, and `harness status` shows its cell
+                    interrupted once the heartbeat is a few intervals old, without asking Slurm
 - logs/<job id>/    submitit's pickles and each job's stdout/stderr
 
 The report. Each job rebuilds report.json from the cell files as `harness run --cell` does; two jobs finishing
@@ -38,6 +42,7 @@ TorchDistributedEnvironment, so the cell trains through harness.distributed exac
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -48,6 +53,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +71,7 @@ from harness.report import write_json_atomic
 STATE_DIR = "submit"
 DEFAULTS = {"executor": "slurm", "gpus_per_cell": 0, "signal_delay_s": 120, "max_timeouts": 20}
 SLURM_DEFAULT_TIME = "24:00:00"  # when neither --time nor the config sets one (submitit's own default is 5 min)
+HEARTBEAT_S = 60.0  # seconds between a running task's heartbeats (HARNESS_HEARTBEAT_S overrides, e.g. in tests)
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -190,22 +197,80 @@ def submissions(out_dir: Path) -> list[dict]:
     return found if isinstance(found, list) else []
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+def _now(timespec: str = "seconds") -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec=timespec)
 
 
-def _update_task_record(out_dir: Path, cell_id: str, job_id: str, **fields) -> None:
-    path = task_record_path(out_dir, cell_id)
-    record = read_json_file(path) or {}
-    if record.get("job_id") != job_id:
-        record = {"cell": cell_id, "job_id": job_id, "attempt": 0}
-    if fields.get("state") == "running":
-        record["attempt"] = record.get("attempt", 0) + 1
-        record["started"] = _now()
-        for stale in ("signal", "error", "fix", "message"):
-            record.pop(stale, None)
-    record.update(fields, updated=_now())
-    write_json_atomic(path, record)
+# One writer of the task record at a time within a job: the heartbeat thread reads, changes and writes the record
+# as the main thread does. Reentrant: submitit's signal handler (CellTask.checkpoint) writes from the main thread,
+# possibly while that thread is inside a write already.
+_RECORD_LOCK = threading.RLock()
+
+
+def _update_task_record(out_dir: Path, cell_id: str, job_id: str, **fields) -> dict:
+    """Change the cell's task record (a new one for another job id; a new attempt for state=running); the record
+    as written."""
+    with _RECORD_LOCK:
+        path = task_record_path(out_dir, cell_id)
+        record = read_json_file(path) or {}
+        if record.get("job_id") != job_id:
+            record = {"cell": cell_id, "job_id": job_id, "attempt": 0}
+        if fields.get("state") == "running":
+            record["attempt"] = record.get("attempt", 0) + 1
+            record["started"] = _now()
+            for stale in ("signal", "error", "fix", "message"):
+                record.pop(stale, None)
+        record.update(fields, updated=_now())
+        write_json_atomic(path, record)
+        return record
+
+
+def heartbeat_interval() -> float:
+    """Seconds between heartbeats: HARNESS_HEARTBEAT_S when it is a positive number, else HEARTBEAT_S."""
+    try:
+        value = float(os.environ.get("HARNESS_HEARTBEAT_S", ""))
+    except ValueError:
+        return HEARTBEAT_S
+    return value if value > 0 else HEARTBEAT_S
+
+
+def _beat(out_dir: Path, cell_id: str, job_id: str, attempt: int) -> bool:
+    """Refresh the record's heartbeat while it still says this attempt of this job is running; False once not."""
+    with _RECORD_LOCK:
+        path = task_record_path(out_dir, cell_id)
+        record = read_json_file(path) or {}
+        if (record.get("job_id"), record.get("attempt"), record.get("state")) != (job_id, attempt, "running"):
+            return False  # the job moved on (requeued, failed, done) or another job took the cell
+        record["heartbeat"] = _now("milliseconds")
+        write_json_atomic(path, record)
+        return True
+
+
+class Heartbeat:
+    """While a cell runs: a daemon thread refreshing its task record's heartbeat every `interval` seconds.
+
+    A daemon thread dies with its process, whatever kills it, which is the point: no heartbeat, no job. A failed
+    write (a full or unreachable disk) is skipped, not fatal: the cell's own writes report such a disk."""
+
+    def __init__(self, out_dir: Path, cell_id: str, job_id: str, attempt: int, interval: float):
+        self.args, self.interval = (out_dir, cell_id, job_id, attempt), interval
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"heartbeat {cell_id}", daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                if not _beat(*self.args):
+                    return
+            except Exception as exc:  # noqa: BLE001 - a missed heartbeat must never stop the cell
+                print(f"heartbeat not written: {exc}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
 
 
 def _save_submission(out_dir: Path, entry: dict) -> None:
@@ -267,11 +332,15 @@ class CellTask(submitit.helpers.Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         main = env.global_rank == 0
         out = Path(self.run.out)
+        beat = contextlib.nullcontext()
         if main:
-            _update_task_record(out, self.cell_id, env.job_id, state="running", host=socket.gethostname(),
-                                pid=os.getpid(), executor=self.executor, processes=env.num_tasks)
+            interval = heartbeat_interval()
+            record = _update_task_record(out, self.cell_id, env.job_id, state="running", host=socket.gethostname(),
+                                         pid=os.getpid(), executor=self.executor, processes=env.num_tasks,
+                                         heartbeat=_now("milliseconds"), heartbeat_s=interval)
+            beat = Heartbeat(out, self.cell_id, env.job_id, record["attempt"], interval)
         try:
-            with also_stop_on(_usr_signal()):
+            with beat, also_stop_on(_usr_signal()):
                 code = _run_command(self.run.argv([self.cell_id]))
         except Interrupted as exc:
             self._interrupted(exc, env, main)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -96,3 +98,37 @@ def test_slurm_array_equals_a_plain_run_and_requeued_tasks_resume_exactly(tmp_pa
     assert "interrupted by SIGUSR2: cell lenet__s32 stopped after step" in log and "; requeuing" in log
     report = json.loads((out / "report.json").read_text())
     assert [c["id"] for c in report["cells"]] == CELLS
+
+
+def test_a_slurm_job_killed_outright_is_shown_interrupted_once_its_heartbeat_stops(tmp_path, monkeypatch):
+    """The task's process SIGKILLed (as the OOM killer or a node failure does): the job writes nothing more and its
+    record still says running. Seen from another host (status's hostname patched: it cannot look at the process), the
+    heartbeat stops, and once it is a few intervals old the cell is interrupted with the `sacct` to check."""
+    spec = copy.deepcopy(SPEC)
+    spec["training"]["epochs"] = 100_000  # killed long before the end
+    spec["defense"]["strengths"] = [0]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "harness", "submit", "spec.json", "--out", "out", "--executor",
+                           "slurm", "--time", "30", "--cpus-per-cell", "1"], cwd=tmp_path,
+                          env=job_env(HARNESS_HEARTBEAT_S="0.5"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = dict(re.findall(r"cell (\S+): Slurm job (\S+)", done.stdout))["lenet__s0"]
+    monkeypatch.setattr(status.socket, "gethostname", lambda: "another-host")
+    try:
+        record = wait_running(out, "lenet__s0")
+        assert record["executor"] == "slurm" and record["heartbeat_s"] == 0.5
+        os.kill(record["pid"], signal.SIGKILL)  # the task's process, as the OOM killer does
+        deadline = time.monotonic() + 300
+        while True:
+            shown = invoke("status", out)
+            row = next(line for line in shown.output.splitlines() if line.startswith("│ lenet__s0"))
+            if "interrupted" in row:
+                break
+            assert "running" in row and time.monotonic() < deadline, shown.output
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["scancel", job], timeout=60)
+    assert "no sign of life for" in row and f"sacct -j {job}" in row, shown.output
+    assert submit.read_json_file(submit.task_record_path(out, "lenet__s0"))["state"] == "running"  # as left
+    assert f"resubmit what is missing: harness submit {tmp_path / 'spec.json'} --out {out}" in shown.output

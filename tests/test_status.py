@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -91,3 +92,102 @@ def test_status_of_cells_in_every_state(evil_plugins, tmp_path, monkeypatch):
     assert watch.returncode == 0
     assert watched.count("harness status out") >= 2 and "running" in watched
     assert watched.rstrip().splitlines()[-1].startswith(final)
+
+
+def flip_byte(path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01  # one bit of one byte, as a disk error would
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_cell_file_is_shown_as_the_run_treats_it(tmp_path, monkeypatch):
+    """A real run's cell file with one byte flipped: in a number, its checksum no longer verifies (the run stops
+    with exit 2 until it is deleted: status shows it failed, with the fix); in its structure, it is no cell result
+    (the run re-evaluates the cell from its checkpoint: status shows it interrupted, ignored, and resubmits it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spec.json").write_text(json.dumps(SPEC))
+    assert invoke("run", "spec.json", "--out", "out", "--cell", "lenet__s0").exit_code == 0
+    path = tmp_path / "out" / "cells" / "lenet__s0.json"
+    good = path.read_bytes()
+    assert rows(invoke("status", "out").output)["lenet__s0"].split("│")[2].strip() == "done"
+
+    text = good.decode()
+    start = text.index('"clean_acc": ') + len('"clean_acc": ')
+    at = next(i for i in range(start, len(text)) if text[i].isdigit())  # a digit stays a digit: still valid JSON
+    flip_byte(path, at)
+    assert json.loads(path.read_text())["status"] == "done"  # a plain JSON read still sees a finished cell
+    shown = invoke("status", "out")
+    row = rows(shown.output)["lenet__s0"]
+    assert row.split("│")[2].strip() == "failed" and "cell file damaged:" in row, shown.output
+    assert "Acc." not in row
+    assert "1 failed" in shown.output and "--cell lenet__s0" in shown.output  # resubmit once fixed (deleted)
+    rerun = invoke("run", "spec.json", "--out", "out", "--cell", "lenet__s0")  # what the run does with it
+    assert rerun.exit_code == 2 and "is damaged" in rerun.output
+
+    path.write_bytes(good)
+    flip_byte(path, 0)  # '{' -> 'z': not JSON any more, so no cell result: as if absent
+    shown = invoke("status", "out")
+    row = rows(shown.output)["lenet__s0"]
+    assert row.split("│")[2].strip() == "interrupted" and "cell file ignored (it is not JSON" in row, shown.output
+    assert "trained (8 epochs), not evaluated yet" in shown.output  # its checkpoint is complete
+    assert "resubmit what is missing: harness submit SPEC --out out" in shown.output
+    rerun = invoke("run", "spec.json", "--out", "out", "--cell", "lenet__s0")
+    assert rerun.exit_code == 0 and "re-evaluating" in rerun.output, rerun.output
+    assert rows(invoke("status", "out").output)["lenet__s0"].split("│")[2].strip() == "done"
+
+
+def test_a_job_killed_outright_on_another_host_is_shown_interrupted_once_its_heartbeat_stops(tmp_path, monkeypatch):
+    """A real local job, SIGKILLed (as a node failure or the OOM killer would): on this host its process is gone;
+    seen from another host (status's hostname patched), only its heartbeat, refreshed while it ran, tells: once
+    it is LOST_AFTER intervals old the cell is interrupted, with what to check, and the resubmit command takes it."""
+    from harness import status as status_mod, submit
+
+    monkeypatch.chdir(tmp_path)
+    spec = copy.deepcopy(SPEC)
+    spec["training"]["epochs"] = 100_000  # killed long before the end
+    spec["defense"]["strengths"] = [0]  # one cell: what is missing is that one
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "submit", "spec.json", "--out", "out", "--executor",
+                             "local", "--cell", "lenet__s0"], cwd=tmp_path, env=job_env(HARNESS_HEARTBEAT_S="0.3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 900
+        first = None
+        while True:  # the heartbeat moves on while the cell trains
+            record = submit.read_json_file(submit.task_record_path(out, "lenet__s0")) or {}
+            if record.get("state") == "running" and (out / "checkpoints" / "lenet__s0.pt").exists():
+                first = first or record["heartbeat"]
+                if record["heartbeat"] != first:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        assert record["heartbeat_s"] == 0.3
+        monkeypatch.setattr(status_mod.socket, "gethostname", lambda: "another-host")
+        while "running" not in rows(invoke("status", "out").output)["lenet__s0"]:  # alive by its heartbeat alone
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.kill(record["pid"], signal.SIGKILL)
+        while True:
+            shown = invoke("status", "out")
+            row = rows(shown.output)["lenet__s0"]
+            if "interrupted" in row:
+                break
+            assert "running" in row and time.monotonic() < deadline, shown.output
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert "no sign of life for" in row and "the job may have died" in row, shown.output
+    assert "epoch " in row  # where it stopped: its last checkpoint
+    assert "1 interrupted" in shown.output
+    assert "resubmit what is missing: harness submit spec.json --out out --executor-config" in shown.output
+    resubmit = invoke("submit", "spec.json", "--out", "out", "--executor-config", "out/submit/executor.json",
+                      "--dry-run")
+    assert resubmit.exit_code == 0 and "would submit 1 cell(s)" in resubmit.output, resubmit.output
+
+    monkeypatch.undo()  # seen from this host: the process is gone
+    monkeypatch.chdir(tmp_path)
+    row = rows(invoke("status", "out").output)["lenet__s0"]
+    assert "interrupted" in row and "ended without a result" in row

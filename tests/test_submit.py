@@ -224,3 +224,23 @@ def test_a_two_process_job_trains_its_cell_through_the_ddp_path(tmp_path, monkey
     assert b["metrics"]["clean_acc"] == a["metrics"]["clean_acc"]
     assert [h["train_objective"] for h in b["history"]] == pytest.approx([h["train_objective"] for h in a["history"]],
                                                                          rel=1e-5)
+
+
+def test_the_heartbeat_thread_stops_once_the_record_moves_on(tmp_path, monkeypatch):
+    """The heartbeat refreshes only a running record of its own job and attempt: after the task records its end
+    (done, requeued, failed) the thread writes nothing more and ends by itself. HARNESS_HEARTBEAT_S sets the
+    interval; anything but a positive number leaves the default."""
+    record = submit._update_task_record(tmp_path, "c", "7", state="running", heartbeat=submit._now("milliseconds"),
+                                        heartbeat_s=0.01)
+    beat = submit.Heartbeat(tmp_path, "c", "7", record["attempt"], 0.01)
+    with beat:
+        while submit.read_json_file(submit.task_record_path(tmp_path, "c"))["heartbeat"] == record["heartbeat"]:
+            time.sleep(0.01)
+        submit._update_task_record(tmp_path, "c", "7", state="done")
+        beat.thread.join(timeout=60)
+        assert not beat.thread.is_alive()
+    assert submit.read_json_file(submit.task_record_path(tmp_path, "c"))["state"] == "done"
+    for value, expected in (("0.3", 0.3), ("", submit.HEARTBEAT_S), ("x", submit.HEARTBEAT_S),
+                            ("-1", submit.HEARTBEAT_S)):
+        monkeypatch.setenv("HARNESS_HEARTBEAT_S", value)
+        assert submit.heartbeat_interval() == expected
