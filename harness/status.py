@@ -41,6 +41,7 @@ from harness.report import TABLE_ROWS
 from harness.submit import HEARTBEAT_S, read_json_file, state_dir, submissions, task_record_path
 
 STATES = ("done", "running", "queued", "failed", "interrupted", "not started")
+BROKEN = ("cell file damaged", "cell file unreadable")  # details of cell files every run in the folder stops on
 LOST_AFTER = 5  # heartbeat intervals without one before a running job on another host counts as dead
 STYLES = {"done": "green", "running": "cyan", "queued": "blue", "failed": "red", "interrupted": "yellow",
           "not started": "dim"}
@@ -149,9 +150,9 @@ def read_cell(path: Path) -> tuple[dict | None, str | None, str | None]:
         return None, f"cell file ignored ({exc.reason}): the cell is {integrity.CELL_REDO}", None
     except BadInput as exc:
         if "does not match the checksum" in exc.message:
-            return None, None, (f"cell file damaged: {path} does not match its checksum; `harness run` stops on it "
+            return None, None, (f"{BROKEN[0]}: {path} does not match its checksum; `harness run` stops on it "
                                 f"(exit 2) until it is deleted, then the cell is {integrity.CELL_REDO}")
-        return None, None, f"cell file unreadable: {_first_line(exc.message)}; {exc.fix}"
+        return None, None, f"{BROKEN[1]}: {_first_line(exc.message)}; {exc.fix}"
 
 
 def log_error(log_folder: str | None, job_id: str | None) -> str | None:
@@ -349,6 +350,9 @@ def render(states: list[CellState], console: Console, out_dir: Path | None = Non
     count = totals(states)
     line = f"{len(states)} cells: " + ", ".join(f"{n} {name}" for name, n in count.items())
     if out_dir is not None:
+        broken = [str(checkpoint.cell_paths(out_dir, s.cell)[0]) for s in states if s.detail.startswith(BROKEN)]
+        if broken:  # the run reads every cell file of its folder (the report): a damaged one stops any cell's run
+            line += " · every run in this folder stops on a damaged cell file (exit 2): first rm " + shlex.join(broken)
         cmd = resubmit_command(out_dir, states)
         if cmd is not None:
             line += " · resubmit what is missing: " + shlex.join(cmd)

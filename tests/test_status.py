@@ -121,8 +121,12 @@ def test_a_damaged_cell_file_is_shown_as_the_run_treats_it(tmp_path, monkeypatch
     assert row.split("│")[2].strip() == "failed" and "cell file damaged:" in row, shown.output
     assert "Acc." not in row
     assert "1 failed" in shown.output and "--cell lenet__s0" in shown.output  # resubmit once fixed (deleted)
-    rerun = invoke("run", "spec.json", "--out", "out", "--cell", "lenet__s0")  # what the run does with it
-    assert rerun.exit_code == 2 and "is damaged" in rerun.output
+    assert "every run in this folder stops on a damaged cell file (exit 2): first rm out/cells/lenet__s0.json" \
+        in shown.output
+    for cell_id in ("lenet__s0", "lenet__s16"):  # what the run does with it: stops, whichever cell it runs
+        rerun = invoke("run", "spec.json", "--out", "out", "--cell", cell_id)
+        assert rerun.exit_code == 2 and "lenet__s0.json is damaged" in rerun.output
+    assert not (tmp_path / "out" / "checkpoints" / "lenet__s16.pt").exists()
 
     path.write_bytes(good)
     flip_byte(path, 0)  # '{' -> 'z': not JSON any more, so no cell result: as if absent
@@ -131,6 +135,7 @@ def test_a_damaged_cell_file_is_shown_as_the_run_treats_it(tmp_path, monkeypatch
     assert row.split("│")[2].strip() == "interrupted" and "cell file ignored (it is not JSON" in row, shown.output
     assert "trained (8 epochs), not evaluated yet" in shown.output  # its checkpoint is complete
     assert "resubmit what is missing: harness submit SPEC --out out" in shown.output
+    assert "damaged cell file" not in shown.output
     rerun = invoke("run", "spec.json", "--out", "out", "--cell", "lenet__s0")
     assert rerun.exit_code == 0 and "re-evaluating" in rerun.output, rerun.output
     assert rows(invoke("status", "out").output)["lenet__s0"].split("│")[2].strip() == "done"
