@@ -126,16 +126,8 @@ def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | No
         report, figures = api.execute_run(spec, out_dir, console, smoke=smoke, cells=cell_ids, fresh=fresh,
                                           force=force, overrides=applied, keep_checkpoints=keep_checkpoints,
                                           formats=formats, log=log)
-    except Interrupted as exc:  # the command as the user ran it (invoked_as), but never --fresh: that would start over
-        again = [*invoked_as(), "run", str(spec_path), "--out", str(out_dir)]
-        again += (["--smoke"] if smoke else []) + (["--data-root", str(data_root)] if data_root else [])
-        again += ["--keep-checkpoints"] if keep_checkpoints else []
-        again += ["--force"] if force else []  # a checkpoint resumed despite a changed spec needs it again
-        again += ["--seed", str(seed)] if seed is not None else []
-        again += ["--format", ",".join(formats)] if formats != ("png",) else []
-        again += [arg for kind, folder in log for arg in ("--log", kind, str(folder))]
-        again += [arg for override in applied for arg in ("--set", override)]
-        again += [arg for cell_id in cell_ids for arg in ("--cell", cell_id)]
+    except Interrupted as exc:  # the command as the user ran it, but never --fresh: that would start over
+        again = rerun_command(click.get_current_context(), drop=("fresh",), replace={"out_dir": out_dir})
         from harness.distributed import Distributed
 
         distributed = Distributed.from_env()
@@ -193,10 +185,7 @@ def eval_(spec_path: Path, weights: Path, model_label: str | None, out_dir: Path
     except Interrupted as exc:  # what was done is in OUT/eval-progress.json: the same command goes on from there
         import shlex
 
-        again = [*invoked_as(), "eval", str(spec_path), "--weights", str(weights), "--out", str(out_dir)]
-        again += (["--model", model_label] if model_label else []) + (["--data-root", str(data_root)] if data_root
-                                                                      else [])
-        again += [arg for override in applied for arg in ("--set", override)]
+        again = rerun_command(click.get_current_context(), replace={"out_dir": out_dir})
         exc.fix = "resume with: " + shlex.join(again)
         raise
     render_cell_summary(report["cells"][0], console)  # clean accuracy, and the detail of every raised check
@@ -538,6 +527,37 @@ def invoked_as() -> list[str]:
     when PATH finds that very interpreter, else its path), `torchrun --nproc_per_node=N -m harness` under
     torchrun. 'harness' when the CLI is called in-process (tests, the Python API)."""
     return list(_INVOKED_AS) if _INVOKED_AS else ["harness"]
+
+
+def rerun_command(ctx: click.Context, drop: tuple[str, ...] = (), replace: dict | None = None) -> list[str]:
+    """The command line that runs ctx's command again with the parameters it was given, built from Click's own
+    record of the command's parameters (ctx.params), so that an option added to the command later is never left
+    out of a resume hint. `drop`: parameters left out (--fresh, which would start over); `replace`: parameter
+    values to write instead of those given (the output folder actually used, when it was a default). Options at
+    their default are left out; each option is written with its first long name."""
+    replace = replace or {}
+    words = [*invoked_as(), ctx.info_name or ctx.command.name or ""]
+    for param in ctx.command.params:
+        name = param.name or ""
+        if name in drop:
+            continue
+        value = replace.get(name, ctx.params.get(name))
+        if isinstance(param, click.Argument):
+            words += [str(v) for v in value] if param.nargs != 1 else [str(value)]
+            continue
+        assert isinstance(param, click.Option)
+        opt = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if param.is_flag:
+            if value and param.secondary_opts == []:
+                words.append(opt)
+            elif param.secondary_opts and bool(value) != bool(param.default):
+                words.append(opt if value else param.secondary_opts[0])
+            continue
+        if value is None or (not param.multiple and value == param.default):
+            continue
+        for item in value if param.multiple else [value]:
+            words += [opt, *(str(v) for v in item)] if isinstance(item, tuple) else [opt, str(item)]
+    return words
 
 
 def _found_on_path(name: str, path: str) -> bool:

@@ -107,3 +107,57 @@ def test_help_everywhere(runner, command):
 
 def test_usage_error_is_exit_2(runner):
     assert invoke(runner, "run").exit_code == 2
+
+
+def _non_default_arguments(command):
+    """Command-line words giving every parameter of `command` a value other than its default (options with
+    multiple=True twice), chosen from each parameter's type, so that an option added later is covered too."""
+    import click
+
+    def value(param):
+        kind = param.type
+        if isinstance(kind, click.Tuple):
+            return [value_of(t) for t in kind.types]
+        return [value_of(kind)]
+
+    def value_of(kind):
+        if isinstance(kind, click.Choice):
+            return kind.choices[-1]
+        if isinstance(kind, click.types.IntParamType):
+            return "7"
+        if isinstance(kind, click.types.FloatParamType):
+            return "0.5"
+        return "some dir/with 'quotes'"
+
+    words = []
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            words += value(param)
+        elif param.is_flag:
+            words.append(param.opts[-1])
+        else:
+            for _ in range(2 if param.multiple else 1):
+                words += [param.opts[-1], *value(param)]
+    return words
+
+
+@pytest.mark.parametrize("name", ["run", "eval"])
+def test_the_resume_hint_repeats_every_parameter_given_but_fresh(name):
+    """The hint printed on SIGINT/SIGTERM is built from the command's own parameter list: parsed again, it gives
+    the same parameters as the interrupted command (for every option the command has, including ones added
+    later), except --fresh (it would start over) and the output folder (always the one actually used)."""
+    import shlex
+
+    from harness.cli import rerun_command
+
+    command = cli.commands[name]
+    given = command.make_context(name, _non_default_arguments(command))
+    again = rerun_command(given, drop=("fresh",), replace={"out_dir": "/the/out dir"})
+    assert again[:2] == ["harness", name]
+    assert shlex.split(shlex.join(again)) == again
+    parsed = command.make_context(name, again[2:])
+    expected = dict(given.params, out_dir="/the/out dir")
+    if "fresh" in expected:
+        assert given.params["fresh"] is True
+        expected["fresh"] = False
+    assert {k: str(v) if k == "out_dir" else v for k, v in parsed.params.items()} == expected
