@@ -66,6 +66,15 @@ def figure_format_option(command):
                              "formats for papers): --format png,pdf.")(command)
 
 
+def log_option(command):
+    """--log KIND DIR (repeatable) of the commands that train: experiment tracking (harness.tracking)."""
+    return click.option("--log", "log", multiple=True, nargs=2, metavar="KIND DIR",
+                        type=(click.Choice(list(TRACKERS)), click.Path(path_type=Path, file_okay=False)),
+                        help="Experiment tracking: `--log tensorboard DIR` writes TensorBoard scalars per epoch and "
+                             "per cell, one run per cell under DIR/<spec name>-seed<N>/<cell id>/ (pip install "
+                             "'harness[tensorboard]').")(command)
+
+
 def spec_overrides(command):
     """The options of every command that reads a spec: --set PATH=VALUE (repeatable) and --download
     (harness.spec.apply_overrides; applied before validation and recorded in the report)."""
@@ -96,10 +105,7 @@ def spec_overrides(command):
               "folder reports/<spec name>-seed<N>/); `harness report --across-seeds` summarises several seeds.")
 @click.option("--keep-checkpoints", is_flag=True, help="With --smoke: keep each cell's checkpoint (by default a "
               "smoke run deletes it once the cell's result is written).")
-@click.option("--log", "log", multiple=True, nargs=2, metavar="KIND DIR",
-              type=(click.Choice(list(TRACKERS)), click.Path(path_type=Path, file_okay=False)),
-              help="Experiment tracking: `--log tensorboard DIR` writes TensorBoard scalars per epoch and per cell, "
-                   "one run per cell under DIR/<spec name>-seed<N>/<cell id>/ (pip install 'harness[tensorboard]').")
+@log_option
 @figure_format_option
 @spec_overrides
 def run(spec_path: Path, out_dir: Path | None, smoke: bool, data_root: Path | None,
@@ -402,13 +408,14 @@ def selftest(device_choice: str, out_dir: Path | None) -> None:
 @click.option("--smoke", is_flag=True, help="Submit the smoke version of SPEC, as `harness run --smoke`.")
 @click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), help="Run with this seed, as `harness run --seed`.")
 @click.option("--dry-run", is_flag=True, help="Print what would be submitted; submit nothing.")
+@log_option
 @spec_overrides
 def submit(spec_path: Path, out_dir: Path | None, executor: str | None, cell_ids: tuple[str, ...],
            partition: str | None, account: str | None, qos: str | None, time_limit: str | None,
            gpus_per_cell: int | None, cpus_per_cell: int | None, mem: str | None, array_parallelism: int | None,
            constraint: str | None, slurm_options: tuple[str, ...], executor_config: Path | None,
-           data_root: Path | None, smoke: bool, seed: int | None, dry_run: bool, overrides: tuple[str, ...],
-           download: bool) -> None:
+           data_root: Path | None, smoke: bool, seed: int | None, dry_run: bool, log: tuple[tuple[str, Path], ...],
+           overrides: tuple[str, ...], download: bool) -> None:
     """Run SPEC's unfinished cells as jobs of a Slurm cluster (or of this machine), through submitit.
 
     Each job runs `harness run SPEC --out DIR --cell ID`. A job that reaches its time limit or is preempted
@@ -431,7 +438,8 @@ def submit(spec_path: Path, out_dir: Path | None, executor: str | None, cell_ids
     spec = spec_mod.load(spec_path, applied)
     out_dir = out_dir or default_out(spec, seed, smoke)
     code = submit_mod.submit(spec_path, spec, out_dir, options, cell_ids=list(cell_ids), data_root=data_root,
-                             smoke=smoke, seed=seed, dry_run=dry_run, console=console, overrides=applied)
+                             smoke=smoke, seed=seed, dry_run=dry_run, console=console, overrides=applied,
+                             log=list(log))
     sys.exit(code)
 
 

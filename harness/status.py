@@ -334,6 +334,7 @@ def resubmit_command(out_dir: Path, states: list[CellState], cells: list[str] | 
     cmd += ["--seed", str(opts["seed"])] if opts.get("seed") is not None else []
     cmd += [a for override in opts.get("overrides") or [] for a in ("--set", str(override))]
     cmd += ["--smoke"] if opts.get("smoke") else []
+    cmd += [str(a) for pair in opts.get("log") or [] for a in ("--log", *pair)]
     if cells is not None:  # without --cell, submit takes the cells not done, failed, queued or running: the missing
         cmd += [a for cell_id in missing for a in ("--cell", cell_id)]
     return cmd

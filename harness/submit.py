@@ -292,6 +292,7 @@ class RunArgs:
     smoke: bool = False
     seed: int | None = None
     overrides: tuple[str, ...] = ()  # --set PATH=VALUE (and --download as dataset.download=true)
+    log: tuple[tuple[str, str], ...] = ()  # --log KIND DIR (experiment tracking, harness.tracking)
 
     def argv(self, cell_ids: list[str]) -> list[str]:
         args = [self.spec, "--out", self.out]
@@ -299,6 +300,7 @@ class RunArgs:
         args += ["--smoke"] if self.smoke else []
         args += ["--seed", str(self.seed)] if self.seed is not None else []
         args += [a for override in self.overrides for a in ("--set", override)]
+        args += [a for kind, folder in self.log for a in ("--log", kind, folder)]
         return args + [a for cell_id in cell_ids for a in ("--cell", cell_id)]
 
 
@@ -504,9 +506,17 @@ def effective_spec(spec: dict, data_root: Path | None, seed: int | None, smoke: 
 
 
 def submit(spec_path: Path, spec: dict, out_dir: Path, options: dict, *, cell_ids: list[str], data_root: Path | None,
-           smoke: bool, seed: int | None, dry_run: bool, console, overrides: list[str] | None = None) -> int:
-    """Submit the cells (see the module doc); returns the exit code (local: 1 unless every cell ended done)."""
+           smoke: bool, seed: int | None, dry_run: bool, console, overrides: list[str] | None = None,
+           log: list[tuple[str, Path]] | None = None) -> int:
+    """Submit the cells (see the module doc); returns the exit code (local: 1 unless every cell ended done).
+    `log`: the (kind, folder) pairs of `harness run --log`, passed to every job (checked here, before submitting)."""
+    from harness import tracking
     from harness.runner import plan as plan_cells, spec_digest
+
+    pairs = tracking.parse(log)
+    if pairs and not dry_run:
+        tracking.create(pairs).close()  # the library is installed and the folders creatable, before any job starts
+    log_args = tuple((kind, str(Path(folder).resolve())) for kind, folder in pairs)  # jobs may start elsewhere
 
     effective = effective_spec(spec, data_root, seed, smoke)
     chosen = choose_cells(out_dir, effective, cell_ids)
@@ -525,7 +535,7 @@ def submit(spec_path: Path, spec: dict, out_dir: Path, options: dict, *, cell_id
     copy_path = state_dir(out_abs) / f"spec-{hashlib.sha256(spec_text).hexdigest()[:12]}.json"
     overrides = tuple(overrides or ())  # `spec` has them applied; each job's `harness run` applies them again
     run_args = RunArgs(str(copy_path), str(out_abs), str(Path(data_root).resolve()) if data_root else None, smoke,
-                       seed, overrides)
+                       seed, overrides, log_args)
 
     if dry_run:
         shown = {k: v for k, v in options.items() if v not in (None, {}, [])}
@@ -534,7 +544,8 @@ def submit(spec_path: Path, spec: dict, out_dir: Path, options: dict, *, cell_id
         if executor_kind == "slurm":
             console.print("sbatch options per cell: " + json.dumps(slurm_parameters(options, job_name)),
                           highlight=False, markup=False, soft_wrap=True)
-        plain = RunArgs(str(spec_path), str(out_dir), str(data_root) if data_root else None, smoke, seed, overrides)
+        plain = RunArgs(str(spec_path), str(out_dir), str(data_root) if data_root else None, smoke, seed, overrides,
+                        tuple((kind, str(folder)) for kind, folder in pairs))
         for cell_id in chosen.submit:
             console.print(f"  {cell_id}: harness run " + shlex.join(plain.argv([cell_id])), highlight=False,
                           markup=False, soft_wrap=True)
@@ -553,7 +564,7 @@ def submit(spec_path: Path, spec: dict, out_dir: Path, options: dict, *, cell_id
     entry = {"id": f"{time.time_ns():x}", "time": _now(), "executor": executor_kind, "spec": str(spec_path),
              "spec_copy": str(copy_path), "cwd": os.getcwd(), "out": str(out_dir), "resolved_spec": effective,
              "run_options": {"data_root": str(data_root) if data_root else None, "smoke": smoke, "seed": seed,
-                             "overrides": list(overrides)},
+                             "overrides": list(overrides), "log": [list(pair) for pair in log_args]},
              "log_folder": str(state_dir(out_abs) / "logs"), "jobs": {cell_id: None for cell_id in chosen.submit}}
     folder = state_dir(out_abs) / "logs" / "%j"
     if executor_kind == "slurm":

@@ -3,6 +3,7 @@ report's numbers (per epoch and per cell, one TensorBoard run per cell), a resum
 once, logging changes no result, and a missing tensorboard package is bad input before anything trains."""
 
 import copy
+import json
 import signal
 import sys
 
@@ -134,3 +135,22 @@ def test_unknown_tracker_is_bad_input(tmp_path, write_spec):
     with pytest.raises(BadInput, match="unknown tracker 'wandb'"):
         harness.run(copy.deepcopy(SPEC), out=tmp_path / "out", log={"wandb": "w"}, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_submitted_jobs_log_as_harness_run_does_and_status_resubmits_with_log(write_spec, tmp_path):
+    """`harness submit --log tensorboard DIR` passes --log to every job (submitit's real local executor): each
+    cell's TensorBoard run holds the report's numbers; the submission records it, so the resubmit command that
+    `harness status` prints keeps it; a dry run shows it in each job's command."""
+    from harness import status, submit
+
+    spec_path, out, tb = write_spec(SPEC), tmp_path / "out", tmp_path / "tb"
+    dry = invoke("submit", spec_path, "--out", out, "--executor", "local", "--log", "tensorboard", tb, "--dry-run")
+    assert dry.exit_code == 0 and dry.output.count(f"--log tensorboard {tb}") == len(CELLS), dry.output
+    assert not tb.exists()  # a dry run writes nothing
+    result = invoke("submit", spec_path, "--out", out, "--executor", "local", "--log", "tensorboard", tb)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert_logged(tb, report)
+    assert submit.submissions(out)[-1]["run_options"]["log"] == [["tensorboard", str(tb.resolve())]]
+    again = status.resubmit_command(out, status.status(out), cells=[CELLS[0]])
+    assert again[again.index("--log"):again.index("--log") + 3] == ["--log", "tensorboard", str(tb.resolve())]
