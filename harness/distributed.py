@@ -19,7 +19,8 @@ What each rank does, per cell:
   barrier: rank 0 ends each such stretch alone (`leading`) by telling them how it ended (one all-reduce of its
   exit code, 0 when it went on), also when it stops by a signal or fails, so every rank exits with rank 0's code
   (130/143 for a signal, 2 or 1 for an error) instead of dying in a collective rank 0 never joins (a gloo error
-  and a traceback, or torchrun's SIGTERM: exit -15). The same holds while rank 0 alone waits for a cell's lock.
+  and a traceback, or torchrun's SIGTERM: exit -15). The same holds while rank 0 alone waits for a cell's lock,
+  and for the checkpoints rank 0 alone writes during training (`agreed_write`: a full disk ends every rank).
 
 A stop request (SIGINT/SIGTERM, harness.interrupt) is agreed on: at every step boundary the ranks all-reduce
 (max) the number of the signal each has seen, so a signal that reaches one rank a step before another (or only
@@ -125,6 +126,17 @@ class Distributed:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
+    @contextlib.contextmanager
+    def shut_down_on_error(self) -> Iterator[None]:
+        """Destroy the process group when the block raises (a stop or an error every rank agreed on), before the
+        process exits: left to the interpreter's exit, gloo's threads were seen to abort the process ('terminate
+        called without an active exception', exit -6 instead of 143) when the other rank had just closed its end."""
+        try:
+            yield
+        except BaseException:
+            self.shutdown()
+            raise
+
     def barrier(self) -> None:
         torch_dist.barrier()
 
@@ -150,6 +162,24 @@ class Distributed:
     def alone(self) -> None:
         """Inside `leading(alone=False)`: from here rank 0 works alone (the others are in `follow`)."""
         self._owed = True
+
+    def agreed_write(self, write: Callable[[dict], None] | None) -> Callable[[dict], None]:
+        """The checkpoint callback of every rank (train calls it at the same step boundaries on each): rank 0
+        writes (`write`), then the ranks agree on whether it could (one all-reduce of rank 0's exit code). Without
+        it a rank 0 that cannot write (a full disk: WriteFailed) would leave, and the others die in their next
+        collective (a gloo error and a traceback); now they end with its code (MainRankFailed)."""
+        def written(state: dict) -> None:
+            if write is not None:
+                try:
+                    write(state)
+                except BaseException as exc:
+                    self._all_reduce([exit_code_of(exc)], torch.int64, torch_dist.ReduceOp.MAX)
+                    raise
+            code = int(self._all_reduce([0], torch.int64, torch_dist.ReduceOp.MAX)[0])
+            if code:
+                raise MainRankFailed(self.rank, code, "while it wrote the cell's checkpoint")
+
+        return written
 
     def follow(self, guard, where: str) -> None:
         """The other ranks: wait for rank 0's `leading` block to end and end as it did: go on when it went on;

@@ -283,6 +283,8 @@ def run_cell(cell: Cell, spec: dict, data: DataSplits, device: torch.device, pro
     ident = {"cell": cell.id, "fingerprint": checkpoint.fingerprint(view), "spec": view}
     writes = runtime is None or runtime.distributed is None or runtime.distributed.is_main
     save = (lambda state: checkpoint.save(ckpt_path, {**state, **ident})) if ckpt_path is not None and writes else None
+    if ckpt_path is not None and runtime is not None and runtime.distributed is not None:
+        save = runtime.distributed.agreed_write(save)  # every rank learns whether rank 0 could write it
     stop = (runtime or Runtime()).stop_check(guard) if guard is not None else None
     done = 0 if resume is None else resume["epoch"] * steps_per_epoch(data, cfg) + resume["step"]
     if tracker:  # harness.tracking (rank 0 only): the history resumed from now, then each epoch as it ends
@@ -383,8 +385,6 @@ def cell_lock(out_dir: Path, cell: Cell, console: Console, guard: InterruptGuard
         distributed.follow(guard, f"while it waited for cell {cell.id}'s lock")
         yield
         return
-    path = inside(out_dir / ".locks", cell.id + ".lock", where=f"cell {cell.id!r}")
-
     def waiting(holder: str) -> None:
         console.print(f"cell {cell.id}: another job (pid {holder}) is running it; waiting for it to finish "
                       f"({path})", markup=False, highlight=False, soft_wrap=True)
@@ -395,6 +395,7 @@ def cell_lock(out_dir: Path, cell: Cell, console: Console, guard: InterruptGuard
 
     with contextlib.ExitStack() as stack:
         with distributed.leading() if distributed is not None else contextlib.nullcontext():
+            path = inside(out_dir / ".locks", cell.id + ".lock", where=f"cell {cell.id!r}")
             waited = stack.enter_context(locked(path, on_wait=waiting, poll=poll))
         if waited:
             console.print(f"cell {cell.id}: the other job is done with it", markup=False, highlight=False)
@@ -497,7 +498,8 @@ def run(spec: dict, out_dir: Path, console: Console, *, smoke: bool = False, cel
         console.print("[yellow]stand-in data: synthetic images replace the real dataset; numbers are not results[/yellow]")
     cells = []
     overall = Overall(len(selected), sum(decisions[c.id] != "skip" for c in selected))
-    with Phases(console) as progress, InterruptGuard(hold_after_stop=distributed is not None) as guard, \
+    with distributed.shut_down_on_error() if distributed is not None else contextlib.nullcontext(), \
+            Phases(console) as progress, InterruptGuard(hold_after_stop=distributed is not None) as guard, \
             contextlib.ExitStack() as held, contextlib.closing(tracker):
         stop = runtime.stop_check(guard)
         for index, cell in enumerate(selected, start=1):

@@ -315,3 +315,41 @@ def test_a_signal_while_rank_0_waits_for_a_cell_lock_stops_every_rank_with_its_c
     assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]
     assert stderr.count("fix: resume with: ") == 1
     assert not (tmp_path / "out" / "checkpoints" / "lenet__s16.pt").exists()  # nothing trained
+
+
+def test_rank_0_unable_to_write_a_checkpoint_ends_every_rank_with_its_code(tmp_path):
+    """A full disk: rank 0 cannot write the cell's first checkpoint (WriteFailed, exit 1, its message). Rank 1,
+    which trains on, must learn it at that step (Distributed.agreed_write) and end with exit 1 too, instead of
+    dying in its next collective with a gloo error."""
+    import shutil
+
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        pytest.skip("needs Linux's mount to make a small file system")
+    out = tmp_path / "small"
+    out.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=65536", "tmpfs", str(out)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
+    try:
+        spec = json.loads(json.dumps(SPEC))
+        spec["defense"]["strengths"] = [16]
+        spec["training"].update(epochs=2, max_batches=1)
+        spec_path = tmp_path / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env["OMP_NUM_THREADS"] = "1"
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "harness", "run", str(spec_path), "--out", str(out)],
+            capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        subprocess.run(["umount", "-l", str(out)], capture_output=True)
+    output = proc.stdout + proc.stderr
+    ours = re.sub(r"Traceback \(most recent call last\):\n(?:  .*\n)+?torch\.distributed\.elastic\.multiprocessing"
+                  r"\.errors\.ChildFailedError:", "", output)
+    assert ours.count("Traceback") == 0 and "gloo" not in ours.lower(), ours[-5000:]
+    flat = proc.stderr.replace("\n", "")
+    assert "error: no space left on" in flat and "cell lenet__s16 has no checkpoint yet" in flat, proc.stderr[-3000:]
+    assert "rank 1 stopped because rank 0 failed (exit 1) while it wrote the cell's checkpoint" in flat
+    assert proc.stderr.count("exitcode  : 1 ") == 2, proc.stderr[-3000:]
