@@ -42,6 +42,26 @@ def tiny_spec() -> dict:
     return copy.deepcopy(TINY_SPEC)
 
 
+def fast_spec() -> dict:
+    """TINY_SPEC at its quickest: 64 training and 32 test digits, one-step attacks in training and evaluation, no
+    evaluation checks, no analysis."""
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["dataset"].update(max_train=64, max_test=32)
+    spec["defense"]["options"]["steps"] = 1
+    spec["evaluation"]["attacks"][0]["options"]["steps"] = 1
+    spec["evaluation"]["checks"] = {"enabled": False}
+    spec["analysis"] = {"enabled": False}
+    return spec
+
+
+def finished_run(folder: Path, spec: dict) -> Path:
+    """`spec` written to folder/spec.json and run to its end in-process (`harness run`, one job): the run's folder."""
+    (folder / "spec.json").write_text(json.dumps(spec))
+    result = invoke("run", folder / "spec.json", "--out", folder / "out")
+    assert result.exit_code == 0, result.output
+    return folder / "out"
+
+
 @pytest.fixture
 def write_spec(tmp_path):
     def write(spec, name: str = "spec.json") -> Path:
@@ -64,6 +84,40 @@ def invoke(*args):
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert "Traceback" not in result.output
     return result
+
+
+def lenet() -> torch.nn.Module:
+    """The spectral-norm LeNet the eval specs of the tests name (`{"name": "lenet", "options": {"spectral_norm":
+    true}}`), untrained, for 10 classes of 8x8 digits."""
+    return registry.load("model", "lenet")(spectral_norm=True).build(10, (1, 8, 8))
+
+
+@pytest.fixture(scope="session")
+def lenet_weights_file(tmp_path_factory) -> Path:
+    """A spectral-norm LeNet trained for a few real steps (3 epochs of 256 digits, no defense), its state_dict saved
+    once per session: only read (by `harness eval` / harness.evaluate), never written, by the tests that use it."""
+    from harness import spec as spec_mod
+    from harness.runner import load_data, seed_everything
+    from harness.train import train
+
+    spec = spec_mod.validate(copy.deepcopy(TINY_SPEC))  # its training split: 256 digits
+    seed_everything(0)
+    model = lenet()
+    cfg = {"epochs": 3, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "weight_decay": 0, "nesterov": False,
+           "schedule": {"type": "constant"}, "max_batches": None}
+    train(model, registry.load("defense", "none")(eps=0.0), load_data(spec), cfg, torch.device("cpu"), seed=0)
+    path = tmp_path_factory.mktemp("lenet-weights") / "lenet.pt"
+    torch.save(model.state_dict(), path)
+    registry._LOADED.clear()
+    return path
+
+
+@pytest.fixture
+def trained_lenet(lenet_weights_file) -> tuple[Path, torch.nn.Module]:
+    """(the weights file, a LeNet of its own holding those weights): each test may change its model freely."""
+    model = lenet()
+    model.load_state_dict(torch.load(lenet_weights_file, weights_only=True))
+    return lenet_weights_file, model
 
 
 # A distribution of misbehaving plugins, for the tests of failure handling (test_safety, test_distributed).
@@ -219,3 +273,16 @@ def assert_same_cell(a: dict, b: dict, ckpt_a: Path, ckpt_b: Path) -> None:
     assert [h["train_objective"] for h in a["history"]] == [h["train_objective"] for h in b["history"]], a["id"]
     wa, wb = checkpoint.load(ckpt_a)["model"], checkpoint.load(ckpt_b)["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wb), a["id"]
+
+
+def assert_same_as_a_plain_run(spec_path: Path, out: Path, plain: Path, cells) -> dict[str, dict]:
+    """Run `spec_path` plainly (in-process, one job) into `plain`, assert that each of `cells` in `out` (a submitted,
+    interrupted or resumed run) is the same as its plain twin (assert_same_cell); return out's results by cell."""
+    assert invoke("run", spec_path, "--out", plain).exit_code == 0
+    results = {}
+    for cell_id in cells:
+        a = json.loads((out / "cells" / f"{cell_id}.json").read_text())
+        b = json.loads((plain / "cells" / f"{cell_id}.json").read_text())
+        assert_same_cell(a, b, out / "checkpoints" / f"{cell_id}.pt", plain / "checkpoints" / f"{cell_id}.pt")
+        results[cell_id] = a
+    return results

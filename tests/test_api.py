@@ -13,10 +13,8 @@ import pytest
 import torch
 
 import harness
-from harness import registry
 from harness.errors import BadInput, RunFailure
-from harness.runner import load_data, seed_everything
-from harness.train import train
+from harness.runner import load_data
 from harness import spec as spec_mod
 
 from conftest import REPO, invoke
@@ -77,28 +75,13 @@ def test_run_returns_the_cli_report(tmp_path, write_spec):
     assert _results(again) == _results(report)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A LeNet trained for a few real steps, and its state_dict on disk."""
-    data = load_data(spec_mod.validate({**copy.deepcopy(RUN_SPEC), "dataset": EVAL_SPEC["dataset"]}))
-    seed_everything(0)
-    model = registry.load("model", "lenet")(spectral_norm=True).build(10, (1, 8, 8))
-    cfg = {"epochs": 2, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "weight_decay": 0, "nesterov": False,
-           "schedule": {"type": "constant"}, "max_batches": None}
-    train(model, registry.load("defense", "none")(eps=0.0), data, cfg, torch.device("cpu"), seed=0)
-    path = tmp_path_factory.mktemp("weights") / "lenet.pt"
-    torch.save(model.state_dict(), path)
-    registry._LOADED.clear()
-    return model, path
-
-
 def _accuracies(report: dict) -> tuple[float, dict]:
     m = report["cells"][0]["metrics"]
     return m["clean_acc"], {label: a["acc"] for label, a in m["attacks"].items()}
 
 
-def test_evaluate_in_memory_matches_cli_eval_of_the_saved_weights(trained, tmp_path, write_spec):
-    model, weights = trained
+def test_evaluate_in_memory_matches_cli_eval_of_the_saved_weights(trained_lenet, tmp_path, write_spec):
+    weights, model = trained_lenet
     path = write_spec(EVAL_SPEC)
     cli = invoke("eval", path, "--weights", weights, "--out", tmp_path / "cli")
     assert cli.exit_code == 0, cli.output
@@ -141,8 +124,8 @@ def test_evaluate_in_memory_matches_cli_eval_of_the_saved_weights(trained, tmp_p
     assert clean == pytest.approx(100 * first)
 
 
-def test_bad_input_raises_badinput_with_the_json_path(trained, tmp_path):
-    model, weights = trained
+def test_bad_input_raises_badinput_with_the_json_path(trained_lenet, tmp_path):
+    weights, model = trained_lenet
     bad = copy.deepcopy(RUN_SPEC)
     bad["training"]["lr"] = "fast"
     with pytest.raises(BadInput, match=r"\$\.training\.lr: 'fast' is not of type 'number'"):
@@ -233,11 +216,12 @@ def test_only_dataset(tmp_path, monkeypatch):
     sys.modules.pop("test_only_data", None)
 
 
-def test_a_test_only_dataset_evaluates_and_refuses_training(trained, test_only_dataset, tmp_path, write_spec):
+def test_a_test_only_dataset_evaluates_and_refuses_training(trained_lenet, test_only_dataset, tmp_path,
+                                                            write_spec):
     """A dataset plugin without a training split: `harness eval` and harness.evaluate give the accuracies of the
     same test split evaluated beside a training split, with train loss and GE null and the reason recorded (shown
     as n/a with a footnote, also by `harness report`); `harness run` refuses it before training (exit 2)."""
-    model, weights = trained
+    weights, model = trained_lenet
     with_train = invoke("eval", write_spec(EVAL_SPEC), "--weights", weights, "--out", tmp_path / "with-train")
     assert with_train.exit_code == 0, with_train.output
     expected = json.loads((tmp_path / "with-train" / "report.json").read_text())

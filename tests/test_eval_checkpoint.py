@@ -10,8 +10,7 @@ from harness import registry, spec as spec_mod
 from harness.cli import cli
 from harness.evaluate import evaluate
 from harness.report import validate_report
-from harness.runner import load_data, seed_everything
-from harness.train import train
+from harness.runner import load_data
 
 EVAL_SPEC = {
     "name": "ckpt",
@@ -28,20 +27,11 @@ EVAL_SPEC = {
 }
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A LeNet trained for a few real steps, saved as a state_dict."""
-    spec = spec_mod.validate(json.loads(json.dumps(EVAL_SPEC)), evaluation_only=True)
-    data = load_data(spec)
-    seed_everything(0)
-    model = registry.load("model", "lenet")(spectral_norm=True).build(10, (1, 8, 8))
-    cfg = {"epochs": 3, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "weight_decay": 0, "nesterov": False,
-           "schedule": {"type": "constant"}, "max_batches": None}
-    train(model, registry.load("defense", "none")(eps=0.0), data, cfg, torch.device("cpu"), seed=0)
-    path = tmp_path_factory.mktemp("ckpt") / "lenet.pt"
-    torch.save(model.state_dict(), path)
-    registry._LOADED.clear()
-    return path, model, data
+@pytest.fixture
+def trained(trained_lenet):
+    """conftest's trained LeNet (its weights file, a model holding them) and the data EVAL_SPEC names."""
+    path, model = trained_lenet
+    return path, model, load_data(spec_mod.validate(json.loads(json.dumps(EVAL_SPEC)), evaluation_only=True))
 
 
 def invoke(*args):

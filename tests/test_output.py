@@ -16,11 +16,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from harness import registry
-from harness.runner import load_data, seed_everything
-from harness.train import train
 
 from conftest import REPO, TINY_SPEC, invoke
 
@@ -119,27 +116,10 @@ EVAL_SPEC = {
 }
 
 
-@pytest.fixture
-def weights(tmp_path):
-    """A LeNet trained for a few real steps on digits, saved as a state_dict."""
-    from harness import spec as spec_mod
-
-    spec = spec_mod.validate(copy.deepcopy(EVAL_SPEC), evaluation_only=True)
-    data = load_data(spec)
-    seed_everything(0)
-    model = registry.load("model", "lenet")(spectral_norm=True).build(10, (1, 8, 8))
-    cfg = {"epochs": 3, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "weight_decay": 0, "nesterov": False,
-           "schedule": {"type": "constant"}, "max_batches": None}
-    train(model, registry.load("defense", "none")(eps=0.0), data, cfg, torch.device("cpu"), seed=0)
-    path = tmp_path / "lenet.pt"
-    torch.save(model.state_dict(), path)
-    registry._LOADED.clear()
-    return path
-
-
-def test_eval_prints_the_clean_accuracy_and_the_detail_of_every_raised_check(weights, write_spec, tmp_path):
+def test_eval_prints_the_clean_accuracy_and_the_detail_of_every_raised_check(lenet_weights_file, write_spec,
+                                                                             tmp_path):
     out = tmp_path / "out"
-    result = invoke("eval", write_spec(EVAL_SPEC), "--weights", weights, "--out", out)
+    result = invoke("eval", write_spec(EVAL_SPEC), "--weights", lenet_weights_file, "--out", out)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "report.json").read_text())["cells"][0]["metrics"]
     assert f"lenet__checkpoint: acc {metrics['clean_acc']:.2f}% (clean)" in result.output
@@ -150,7 +130,7 @@ def test_eval_prints_the_clean_accuracy_and_the_detail_of_every_raised_check(wei
         assert f"check {flag} raised: {value['detail']}" in flat
 
 
-def test_sigterm_during_eval_writes_what_is_done_says_how_to_resume_and_the_resume_skips_it(weights, write_spec,
+def test_sigterm_during_eval_writes_what_is_done_says_how_to_resume_and_the_resume_skips_it(lenet_weights_file, write_spec,
                                                                                             tmp_path, monkeypatch):
     spec_path, out = write_spec(EVAL_SPEC), tmp_path / "out"
     fgsm = registry.load("attack", "foolbox-fgsm")
@@ -164,13 +144,14 @@ def test_sigterm_during_eval_writes_what_is_done_says_how_to_resume_and_the_resu
         return real_perturb(self, *args)
 
     monkeypatch.setattr(fgsm, "perturb", perturb_then_sigterm)
-    stopped = invoke("eval", spec_path, "--weights", weights, "--out", out)
+    stopped = invoke("eval", spec_path, "--weights", lenet_weights_file, "--out", out)
     assert stopped.exit_code == 143, stopped.output
     flat = stopped.output.replace("\n", "")
     assert "interrupted by SIGTERM: the evaluation of lenet stopped while evaluating; done so far: clean " \
            "accuracy" in flat and "foolbox-pgd@32" in flat and str(out / "eval-progress.json") in flat
     hint = re.search(r"fix: resume with: (.*)", stopped.output).group(1)
-    assert shlex.split(hint) == ["harness", "eval", str(spec_path), "--weights", str(weights), "--out", str(out)]
+    assert shlex.split(hint) == ["harness", "eval", str(spec_path), "--weights", str(lenet_weights_file), "--out",
+                                 str(out)]
     progress = json.loads((out / "eval-progress.json").read_text())
     assert list(progress["robust"]) == ["foolbox-pgd@32"] and not (out / "report.json").exists()
 
@@ -185,7 +166,7 @@ def test_sigterm_during_eval_writes_what_is_done_says_how_to_resume_and_the_resu
     assert not (out / "eval-progress.json").exists()
     report = json.loads((out / "report.json").read_text())
 
-    straight = invoke("eval", spec_path, "--weights", weights, "--out", tmp_path / "straight")
+    straight = invoke("eval", spec_path, "--weights", lenet_weights_file, "--out", tmp_path / "straight")
     assert straight.exit_code == 0, straight.output
     # the resume ran PGD only in the checks (the main PGD pass came from the file): fewer calls than a full run
     assert main_pgd_calls < len(pgd_calls) - main_pgd_calls

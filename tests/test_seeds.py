@@ -9,17 +9,12 @@ import statistics
 
 import pytest
 
-from conftest import invoke
+from conftest import fast_spec, invoke
 
 
 @pytest.fixture
-def spec(tiny_spec):
-    tiny_spec["dataset"].update(max_train=64, max_test=32)
-    tiny_spec["defense"]["options"]["steps"] = 1
-    tiny_spec["evaluation"]["attacks"][0]["options"]["steps"] = 1
-    tiny_spec["evaluation"]["checks"] = {"enabled": False}
-    tiny_spec["analysis"] = {"enabled": False}
-    return tiny_spec
+def spec():
+    return fast_spec()
 
 
 def test_seed_runs_summarise_as_mean_and_sd_of_each_cell(spec, write_spec, tmp_path, monkeypatch):

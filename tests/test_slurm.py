@@ -20,7 +20,8 @@ import pytest
 
 from harness import status, submit
 
-from conftest import SUBMIT_CELLS as CELLS, SUBMIT_SPEC as SPEC, assert_same_cell, invoke, job_env
+from conftest import (SUBMIT_CELLS as CELLS, SUBMIT_SPEC as SPEC, assert_same_as_a_plain_run, invoke,
+                      job_env)
 
 
 def _why_no_slurm() -> str | None:
@@ -80,12 +81,8 @@ def test_slurm_array_equals_a_plain_run_and_requeued_tasks_resume_exactly(tmp_pa
     finally:
         subprocess.run(["scancel", *jobs.values()], timeout=60)
 
-    assert invoke("run", tmp_path / "spec.json", "--out", tmp_path / "plain").exit_code == 0
-    for cell_id in CELLS:
-        a = json.loads((out / "cells" / f"{cell_id}.json").read_text())
-        b = json.loads((tmp_path / "plain" / "cells" / f"{cell_id}.json").read_text())
-        assert_same_cell(a, b, out / "checkpoints" / f"{cell_id}.pt",
-                         tmp_path / "plain" / "checkpoints" / f"{cell_id}.pt")
+    cells = assert_same_as_a_plain_run(tmp_path / "spec.json", out, tmp_path / "plain", CELLS)
+    for cell_id, a in cells.items():
         record = json.loads(submit.task_record_path(out, cell_id).read_text())
         assert record["job_id"] == jobs[cell_id] and record["executor"] == "slurm"
         if cell_id == "lenet__s0":

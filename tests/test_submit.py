@@ -20,7 +20,7 @@ import submitit
 from harness import checkpoint, submit
 from harness.errors import BadInput
 
-from conftest import REPO, SUBMIT_CELLS, SUBMIT_SPEC, assert_same_cell, invoke, job_env
+from conftest import REPO, SUBMIT_CELLS, SUBMIT_SPEC, assert_same_as_a_plain_run, invoke, job_env
 
 SPEC, CELLS = SUBMIT_SPEC, SUBMIT_CELLS
 
@@ -55,12 +55,8 @@ def test_local_submit_equals_a_plain_run_and_signalled_tasks_requeue_and_resume_
     assert "3 cells: 3 done, 0 running, 0 queued, 0 failed, 0 interrupted, 0 not started" in stdout
     assert "all done: harness report out" in stdout
 
-    assert invoke("run", tmp_path / "spec.json", "--out", tmp_path / "plain").exit_code == 0
-    for cell_id in CELLS:
-        a = json.loads((out / "cells" / f"{cell_id}.json").read_text())
-        b = json.loads((tmp_path / "plain" / "cells" / f"{cell_id}.json").read_text())
-        assert_same_cell(a, b, out / "checkpoints" / f"{cell_id}.pt",
-                         tmp_path / "plain" / "checkpoints" / f"{cell_id}.pt")
+    cells = assert_same_as_a_plain_run(tmp_path / "spec.json", out, tmp_path / "plain", CELLS)
+    for cell_id, a in cells.items():
         record = json.loads(submit.task_record_path(out, cell_id).read_text())
         assert record["state"] == "done"
         if cell_id in signals:  # stopped mid-training (not while evaluating), requeued once, resumed

@@ -9,7 +9,6 @@ Real processes on the tiny digits spec; the final report must equal an uninterru
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import json
 import os
@@ -22,19 +21,14 @@ import time
 
 import pytest
 
-from conftest import TINY_SPEC, invoke, job_env, without_timings
+from conftest import fast_spec, finished_run, job_env, without_timings
 
 CELLS = ("lenet__s0", "lenet__s32")
 
 
 def jobs_spec() -> dict:
-    spec = copy.deepcopy(TINY_SPEC)
-    spec["dataset"].update(max_train=64, max_test=32)
+    spec = fast_spec()
     spec["training"].update(epochs=2, batch_size=32)
-    spec["defense"]["options"]["steps"] = 1
-    spec["evaluation"]["attacks"][0]["options"]["steps"] = 1
-    spec["evaluation"]["checks"] = {"enabled": False}
-    spec["analysis"] = {"enabled": False}
     return spec
 
 
@@ -74,11 +68,8 @@ def wait_for(path, proc) -> None:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """One uninterrupted run of both cells in one job: its report."""
-    folder = tmp_path_factory.mktemp("straight")
-    (folder / "spec.json").write_text(json.dumps(jobs_spec()))
-    result = invoke("run", folder / "spec.json", "--out", folder / "out")
-    assert result.exit_code == 0, result.output
-    return json.loads((folder / "out" / "report.json").read_text()), folder / "out"
+    out = finished_run(tmp_path_factory.mktemp("straight"), jobs_spec())
+    return json.loads((out / "report.json").read_text()), out
 
 
 def hold(lock_path):

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_SPEC, invoke, without_timings
+from conftest import TINY_SPEC, finished_run, invoke, without_timings
 
 CELL = "lenet__s0"
 
@@ -43,12 +43,8 @@ def flat(text: str) -> str:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """An uninterrupted run of disk_spec: (its report, the size of its checkpoint)."""
-    folder = tmp_path_factory.mktemp("straight")
-    (folder / "spec.json").write_text(json.dumps(disk_spec()))
-    result = invoke("run", folder / "spec.json", "--out", folder / "out")
-    assert result.exit_code == 0, result.output
-    report = json.loads((folder / "out" / "report.json").read_text())
-    return report, (folder / "out" / "checkpoints" / f"{CELL}.pt").stat().st_size
+    out = finished_run(tmp_path_factory.mktemp("straight"), disk_spec())
+    return json.loads((out / "report.json").read_text()), (out / "checkpoints" / f"{CELL}.pt").stat().st_size
 
 
 @pytest.fixture

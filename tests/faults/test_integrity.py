@@ -25,7 +25,7 @@ from harness import checkpoint, registry
 from harness.errors import RunFailure
 from harness.report import write_json_atomic
 
-from conftest import REPO, TINY_SPEC, invoke
+from conftest import REPO, TINY_SPEC, finished_run, invoke
 
 CELL = "lenet__s0"
 
@@ -64,12 +64,8 @@ def _refuse(name):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """(spec path, a finished run's folder): one cell, trained, evaluated, analysed."""
-    base = tmp_path_factory.mktemp("finished")
-    spec_path = base / "spec.json"
-    spec_path.write_text(json.dumps(small_spec()))
-    result = invoke("run", spec_path, "--out", base / "out")
-    assert result.exit_code == 0, result.output
-    return spec_path, base / "out"
+    out = finished_run(tmp_path_factory.mktemp("finished"), small_spec())
+    return out.parent / "spec.json", out
 
 
 @pytest.fixture
@@ -82,29 +78,30 @@ def copy_of(finished, tmp_path):
 # ---------------------------------------------------------------------------------------------- 1: cell ids
 
 
+def assert_validate_and_run_refuse(path, out, *needles) -> None:
+    """`harness validate` and `harness run` both exit 2 with a message holding every needle; the run writes
+    nothing: refused before anything runs."""
+    for command in (["validate", path], ["run", path, "--out", out]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        for needle in needles:
+            assert needle in result.output, (needle, result.output)
+    assert not out.exists()
+
+
 def test_strengths_that_name_the_same_cell_are_refused_before_anything_runs(write_spec, tmp_path):
     spec = small_spec()
     spec["defense"]["strengths"] = [8, 8.0000001]  # both print as lenet__s8
-    path = write_spec(spec)
-    for command in (["validate", path], ["run", path, "--out", tmp_path / "out"]):
-        result = invoke(*command)
-        assert result.exit_code == 2, result.output
-        assert "$.defense.strengths[1]" in result.output and "lenet__s8" in result.output
-        assert "$.defense.strengths[0]" in result.output and "fix:" in result.output
-    assert not (tmp_path / "out").exists()
+    assert_validate_and_run_refuse(write_spec(spec), tmp_path / "out", "$.defense.strengths[1]", "lenet__s8",
+                                   "$.defense.strengths[0]", "fix:")
 
 
 def test_model_labels_differing_only_in_case_are_refused(write_spec, tmp_path):
     spec = small_spec()
     spec["models"] = [{"name": "lenet", "label": "LeNet", "options": {"spectral_norm": True}},
                       {"name": "lenet", "label": "lenet", "options": {"spectral_norm": False}}]
-    path = write_spec(spec)
-    for command in (["validate", path], ["run", path, "--out", tmp_path / "out"]):
-        result = invoke(*command)
-        assert result.exit_code == 2, result.output
-        assert "$.models[1].label" in result.output and "$.models[0]" in result.output
-        assert "case" in result.output and "fix:" in result.output
-    assert not (tmp_path / "out").exists()
+    assert_validate_and_run_refuse(write_spec(spec), tmp_path / "out", "$.models[1].label", "$.models[0]", "case",
+                                   "fix:")
 
 
 def test_a_label_equal_to_another_model_name_once_sanitized_is_refused(write_spec):
