@@ -75,11 +75,18 @@ def test_sigint_writes_a_checkpoint_and_exits_130(tiny_spec, write_spec, tmp_pat
             signal.raise_signal(signal.SIGINT)  # as Ctrl-C would: handled by the guard, no KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint, "save", save_then_sigint)
-    result = invoke("run", write_spec(tiny_spec), "--out", tmp_path / "out")
+    # Python's own handler, also where pytest was started with SIGINT ignored (a job started with `&` in a
+    # script inherits SIG_IGN), so that "restored" is seen to mean the handler as it was, not SIG_IGN
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = invoke("run", write_spec(tiny_spec), "--out", tmp_path / "out")
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert result.exit_code == 130, result.output
     assert saved == [("lenet__s0.pt", 1, 0), ("lenet__s0.pt", 1, 1)]
     assert "interrupted by SIGINT" in result.output and "resume with: harness run" in result.output
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the guard restores the handlers"
+    assert restored is signal.default_int_handler, "the guard restores the handlers"
 
 
 def test_second_sigint_stops_at_once():

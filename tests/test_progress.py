@@ -150,6 +150,13 @@ def interrupt_on(proc: subprocess.Popen, marker: str, signum: int) -> list[str]:
     return seen
 
 
+def run_params(words: list[str]) -> dict:
+    """What `harness run` makes of these words (after `run`), as Click parses them."""
+    from harness.cli import cli
+
+    return cli.commands["run"].make_context("run", list(words)).params
+
+
 def resume_hint(stderr: str) -> list[str]:
     lines = [line for line in stderr.splitlines() if line.startswith("fix: resume with: ")]
     assert len(lines) == 1, stderr
@@ -172,7 +179,8 @@ def test_the_resume_hint_of_the_console_script_runs_as_printed_and_ends_as_an_un
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stderr
     hint = resume_hint(stderr)
-    assert hint[0] in ("harness", str(script)) and hint[1:] == args, hint
+    assert hint[0] in ("harness", str(script)) and hint[1] == "run", hint
+    assert run_params(hint[2:]) == run_params(args[1:]), hint  # the same command, whatever the order of its options
     assert (tmp_path / "out" / "checkpoints" / f"{CELL}.pt").exists(), "the interrupted smoke cell's checkpoint"
 
     done = subprocess.run(hint, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
