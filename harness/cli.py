@@ -595,7 +595,23 @@ def main() -> None:
     threads.prepare_environment()
     global _INVOKED_AS
     _INVOKED_AS = _invocation(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    cli(prog_name="harness")
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        cli(prog_name="harness")
+        return
+    # A torchrun worker: its files are written (atomically, flushed) and its process group destroyed when the
+    # command returns; it then leaves without the interpreter's finalization, where gloo's threads can abort the
+    # process ('terminate called without an active exception', exit -6 instead of the command's code; seen once in
+    # a suite run, in the rank that finished first; pytorch/pytorch#179291 describes the finalization crash).
+    try:
+        cli(prog_name="harness")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
