@@ -32,14 +32,28 @@ SPEC = {
 }
 
 
+def worker_env(plugins=None, **extra: str) -> dict[str, str]:
+    """The environment of a torchrun launched by a test: no rank variables of an enclosing launch, one thread per
+    rank, the test's plugins on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    if plugins is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(plugins), env.get("PYTHONPATH", "")])
+    return env
+
+
+def torchrun(spec_path, out) -> list[str]:
+    """`harness run SPEC --out OUT` with two gloo ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "harness", "run", str(spec_path), "--out", str(out)]
+
+
 def test_two_gloo_ranks_train_the_same_model_as_one_process(tmp_path):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(SPEC))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = worker_env()
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / "two")],
+        torchrun(spec_path, str(tmp_path / "two")),
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "report.json").read_text())
@@ -119,10 +133,8 @@ def test_a_signal_reaching_one_rank_stops_every_rank_at_the_same_step_and_resume
     spec["training"].update(epochs=epochs, max_batches=1)
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / "two")]
+    env = worker_env()
+    command = torchrun(spec_path, str(tmp_path / "two"))
     ckpt = tmp_path / "two" / "checkpoints" / "lenet__s16.pt"
 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -163,11 +175,9 @@ def test_a_non_finite_loss_on_one_rank_fails_the_cell_on_every_rank_and_the_next
     spec["defense"] = {"name": "nan-on-rank-1", "strengths": [8, 0]}
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(evil_plugins), env.get("PYTHONPATH", "")]))
+    env = worker_env(evil_plugins)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / "out")],
+        torchrun(spec_path, str(tmp_path / "out")),
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0  # a failed cell
     assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
@@ -199,13 +209,10 @@ def test_a_signal_while_rank_0_evaluates_alone_stops_every_rank_with_its_code_an
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
     gate = tmp_path / "gate"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", HARNESS_TEST_GATE=str(gate),
-               PYTHONPATH=os.pathsep.join([str(evil_plugins), env.get("PYTHONPATH", "")]))
+    env = worker_env(evil_plugins, HARNESS_TEST_GATE=str(gate))
 
     def command(out: str) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / out)]
+        return torchrun(spec_path, str(tmp_path / out))
 
     ckpt = tmp_path / "two" / "checkpoints" / "lenet__s16.pt"
     with open(tmp_path / "stderr", "w+") as err:
@@ -259,11 +266,9 @@ def test_an_error_of_rank_0_while_it_evaluates_alone_ends_every_rank_with_its_co
     spec["evaluation"]["attacks"] = [{"name": "refuses-the-input", "eps": 16}]
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(evil_plugins), env.get("PYTHONPATH", "")]))
+    env = worker_env(evil_plugins)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / "out")],
+        torchrun(spec_path, str(tmp_path / "out")),
         capture_output=True, text=True, env=env, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -289,12 +294,10 @@ def test_a_signal_while_rank_0_waits_for_a_cell_lock_stops_every_rank_with_its_c
     spec["defense"]["strengths"] = [16]
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = worker_env()
     with locked(tmp_path / "out" / ".locks" / "lenet__s16.lock"), open(tmp_path / "stderr", "w+") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "harness", "run", str(spec_path), "--out", str(tmp_path / "out")],
+            torchrun(spec_path, str(tmp_path / "out")),
             stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         seen = []
         for line in proc.stdout:
@@ -337,11 +340,9 @@ def test_rank_0_unable_to_write_a_checkpoint_ends_every_rank_with_its_code(tmp_p
         spec["training"].update(epochs=2, max_batches=1)
         spec_path = tmp_path / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env["OMP_NUM_THREADS"] = "1"
+        env = worker_env()
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "harness", "run", str(spec_path), "--out", str(out)],
+            torchrun(spec_path, str(out)),
             capture_output=True, text=True, env=env, timeout=300)
     finally:
         subprocess.run(["umount", "-l", str(out)], capture_output=True)
