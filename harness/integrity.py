@@ -86,13 +86,18 @@ def _feed(digest, value: Any) -> None:
         digest.update(f"{type(value).__name__}:{value!r};".encode())
 
 
-def damaged(path: Path, what: str, redo: str, stored: Any, actual: str) -> BadInput:
+class Damaged(BadInput):
+    """A file whose content does not match the checksum written with it (exit 2: the run stops on it until it is
+    deleted). A class of its own so that readers such as `harness status` can tell it from other bad input."""
+
+
+def damaged(path: Path, what: str, redo: str, stored: Any, actual: str) -> Damaged:
     shown = stored if isinstance(stored, str) and len(stored) < 80 else type(stored).__name__
-    return BadInput(f"{what} {path} is damaged: its content does not match the checksum written with it "
-                    f"(stored {shown}, content {actual}); it was changed after it was written (a disk or memory "
-                    "error, or an edit), so none of it is used",
-                    fix=f"delete {path} (that cell is then {redo}) or run again with --fresh (every cell starts "
-                        "over)")
+    return Damaged(f"{what} {path} is damaged: its content does not match the checksum written with it "
+                   f"(stored {shown}, content {actual}); it was changed after it was written (a disk or memory "
+                   "error, or an edit), so none of it is used",
+                   fix=f"delete {path} (that cell is then {redo}) or run again with --fresh (every cell starts "
+                       "over)")
 
 
 def verify(document: Mapping, actual: str, path: Path, what: str, redo: str) -> None:

@@ -38,7 +38,7 @@ from rich.table import Table
 from harness import checkpoint, integrity
 from harness.errors import BadInput
 from harness.report import TABLE_ROWS
-from harness.submit import HEARTBEAT_S, read_json_file, state_dir, submissions, task_record_path
+from harness.submit import HEARTBEAT_S, RunArgs, read_json_file, state_dir, submissions, task_record_path
 
 STATES = ("done", "running", "queued", "failed", "interrupted", "not started")
 BROKEN = ("cell file damaged", "cell file unreadable")  # details of cell files every run in the folder stops on
@@ -148,10 +148,10 @@ def read_cell(path: Path) -> tuple[dict | None, str | None, str | None]:
         return integrity.read_cell(path), None, None
     except integrity.Unusable as exc:
         return None, f"cell file ignored ({exc.reason}): the cell is {integrity.CELL_REDO}", None
+    except integrity.Damaged:
+        return None, None, (f"{BROKEN[0]}: {path} does not match its checksum; `harness run` stops on it "
+                            f"(exit 2) until it is deleted, then the cell is {integrity.CELL_REDO}")
     except BadInput as exc:
-        if "does not match the checksum" in exc.message:
-            return None, None, (f"{BROKEN[0]}: {path} does not match its checksum; `harness run` stops on it "
-                                f"(exit 2) until it is deleted, then the cell is {integrity.CELL_REDO}")
         return None, None, f"{BROKEN[1]}: {_first_line(exc.message)}; {exc.fix}"
 
 
@@ -325,19 +325,16 @@ def resubmit_command(out_dir: Path, states: list[CellState], cells: list[str] | 
     spec = last.get("spec", "SPEC")
     if last and last.get("cwd") != os.getcwd():
         spec = str(Path(last.get("cwd", "")) / spec)
-    cmd = ["harness", "submit", spec, "--out", str(out_dir)]
-    config = state_dir(Path(out_dir)) / "executor.json"
-    if config.exists():
-        cmd += ["--executor-config", str(config)]
     opts = last.get("run_options") or {}
-    cmd += ["--data-root", opts["data_root"]] if opts.get("data_root") else []
-    cmd += ["--seed", str(opts["seed"])] if opts.get("seed") is not None else []
-    cmd += [a for override in opts.get("overrides") or [] for a in ("--set", str(override))]
-    cmd += ["--smoke"] if opts.get("smoke") else []
-    cmd += [str(a) for pair in opts.get("log") or [] for a in ("--log", *pair)]
-    if cells is not None:  # without --cell, submit takes the cells not done, failed, queued or running: the missing
-        cmd += [a for cell_id in missing for a in ("--cell", cell_id)]
-    return cmd
+    # the run options in the words a job's `harness run` gets (submit takes the same ones); without --cell, submit
+    # takes the cells not done, failed, queued or running: the missing
+    words = RunArgs(spec, str(out_dir), opts.get("data_root"), bool(opts.get("smoke")), opts.get("seed"),
+                    tuple(str(o) for o in opts.get("overrides") or []),
+                    tuple((str(kind), str(folder)) for kind, folder in opts.get("log") or [])).argv(
+                        missing if cells is not None else [])
+    config = state_dir(Path(out_dir)) / "executor.json"
+    executor = ["--executor-config", str(config)] if config.exists() else []
+    return ["harness", "submit", *words[:3], *executor, *words[3:]]  # words[:3]: SPEC --out DIR
 
 
 def render(states: list[CellState], console: Console, out_dir: Path | None = None) -> None:
