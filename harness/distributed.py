@@ -153,11 +153,11 @@ class Distributed:
         except BaseException as exc:
             if self._owed:
                 self._owed = False
-                self._all_reduce([exit_code_of(exc)], torch.int64, torch_dist.ReduceOp.MAX)
+                self._exit_code_of_rank_0(exit_code_of(exc))
             raise
         if self._owed:
             self._owed = False
-            self._all_reduce([0], torch.int64, torch_dist.ReduceOp.MAX)
+            self._exit_code_of_rank_0(0)
 
     def alone(self) -> None:
         """Inside `leading(alone=False)`: from here rank 0 works alone (the others are in `follow`)."""
@@ -173,9 +173,9 @@ class Distributed:
                 try:
                     write(state)
                 except BaseException as exc:
-                    self._all_reduce([exit_code_of(exc)], torch.int64, torch_dist.ReduceOp.MAX)
+                    self._exit_code_of_rank_0(exit_code_of(exc))
                     raise
-            code = int(self._all_reduce([0], torch.int64, torch_dist.ReduceOp.MAX)[0])
+            code = self._exit_code_of_rank_0(0)
             if code:
                 raise MainRankFailed(self.rank, code, "while it wrote the cell's checkpoint")
 
@@ -185,7 +185,7 @@ class Distributed:
         """The other ranks: wait for rank 0's `leading` block to end and end as it did: go on when it went on;
         stop with its signal's Interrupted (guard adopts it: same exit code, 130/143) or with MainRankFailed (its
         exit code) otherwise. `where` completes the message ("while evaluating cell X")."""
-        code = int(self._all_reduce([0], torch.int64, torch_dist.ReduceOp.MAX)[0])
+        code = self._exit_code_of_rank_0(0)
         if not code:
             return
         signum = code - 128
@@ -194,6 +194,11 @@ class Distributed:
                 guard.adopt(signum)
             raise guard.interrupted(f"rank {self.rank} stopped with rank 0 {where}")
         raise MainRankFailed(self.rank, code, where)
+
+    def _exit_code_of_rank_0(self, mine: int) -> int:
+        """The exchange that ends a stretch rank 0 works alone (`leading`, `agreed_write`, `follow`): rank 0 gives
+        its exit code (0: it went on), the others 0; every rank gets the largest, i.e. rank 0's."""
+        return int(self._all_reduce([mine], torch.int64, torch_dist.ReduceOp.MAX)[0])
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.world_size:
