@@ -48,13 +48,15 @@ def torchrun(spec_path, out) -> list[str]:
             "-m", "harness", "run", str(spec_path), "--out", str(out)]
 
 
+def run_torchrun(spec_path, out, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`torchrun(spec_path, out)` run to its end (5 minutes at most), its output captured."""
+    return subprocess.run(torchrun(spec_path, out), capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_two_gloo_ranks_train_the_same_model_as_one_process(tmp_path):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(SPEC))
-    env = worker_env()
-    proc = subprocess.run(
-        torchrun(spec_path, str(tmp_path / "two")),
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = run_torchrun(spec_path, str(tmp_path / "two"), worker_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     one = run(spec_mod.validate(SPEC), tmp_path / "one", Console(quiet=True))
@@ -156,7 +158,7 @@ def test_a_signal_reaching_one_rank_stops_every_rank_at_the_same_step_and_resume
     state = checkpoint.load(ckpt)
     assert 1 <= state["epoch"] < epochs - 1, state["epoch"]  # mid-run: epochs after the first one were saved
 
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_torchrun(spec_path, str(tmp_path / "two"), env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = json.loads((tmp_path / "two" / "cells" / "lenet__s16.json").read_text())
     assert resumed["resumed_from"] == {"epoch": state["epoch"], "step": state["step"]}
@@ -175,10 +177,7 @@ def test_a_non_finite_loss_on_one_rank_fails_the_cell_on_every_rank_and_the_next
     spec["defense"] = {"name": "nan-on-rank-1", "strengths": [8, 0]}
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = worker_env(evil_plugins)
-    proc = subprocess.run(
-        torchrun(spec_path, str(tmp_path / "out")),
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = run_torchrun(spec_path, str(tmp_path / "out"), worker_env(evil_plugins))
     assert proc.returncode != 0  # a failed cell
     assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -211,12 +210,9 @@ def test_a_signal_while_rank_0_evaluates_alone_stops_every_rank_with_its_code_an
     gate = tmp_path / "gate"
     env = worker_env(evil_plugins, HARNESS_TEST_GATE=str(gate))
 
-    def command(out: str) -> list[str]:
-        return torchrun(spec_path, str(tmp_path / out))
-
     ckpt = tmp_path / "two" / "checkpoints" / "lenet__s16.pt"
     with open(tmp_path / "stderr", "w+") as err:
-        proc = subprocess.Popen(command("two"), stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        proc = subprocess.Popen(torchrun(spec_path, str(tmp_path / "two")), stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         seen = []
         for line in proc.stdout:  # rank 0 announces each phase as it starts (a log gets one line per phase)
             seen.append(line)
@@ -245,10 +241,10 @@ def test_a_signal_while_rank_0_evaluates_alone_stops_every_rank_with_its_code_an
     state = checkpoint.load(ckpt)  # the finished training is kept: the resume only re-evaluates
     assert (state["epoch"], state["step"]) == (2, 0)
 
-    resumed = subprocess.run(command("two"), capture_output=True, text=True, env=env, timeout=300)
+    resumed = run_torchrun(spec_path, str(tmp_path / "two"), env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "re-evaluating (training unchanged)" in resumed.stdout
-    straight = subprocess.run(command("straight"), capture_output=True, text=True, env=env, timeout=300)
+    straight = run_torchrun(spec_path, str(tmp_path / "straight"), env)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     a = json.loads((tmp_path / "two" / "report.json").read_text())["cells"]
     b = json.loads((tmp_path / "straight" / "report.json").read_text())["cells"]
@@ -266,10 +262,7 @@ def test_an_error_of_rank_0_while_it_evaluates_alone_ends_every_rank_with_its_co
     spec["evaluation"]["attacks"] = [{"name": "refuses-the-input", "eps": 16}]
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = worker_env(evil_plugins)
-    proc = subprocess.run(
-        torchrun(spec_path, str(tmp_path / "out")),
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = run_torchrun(spec_path, str(tmp_path / "out"), worker_env(evil_plugins))
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     ours = re.sub(r"Traceback \(most recent call last\):\n(?:  .*\n)+?torch\.distributed\.elastic\.multiprocessing"
@@ -340,10 +333,7 @@ def test_rank_0_unable_to_write_a_checkpoint_ends_every_rank_with_its_code(tmp_p
         spec["training"].update(epochs=2, max_batches=1)
         spec_path = tmp_path / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        env = worker_env()
-        proc = subprocess.run(
-            torchrun(spec_path, str(out)),
-            capture_output=True, text=True, env=env, timeout=300)
+        proc = run_torchrun(spec_path, str(out), worker_env())
     finally:
         subprocess.run(["umount", "-l", str(out)], capture_output=True)
     output = proc.stdout + proc.stderr
