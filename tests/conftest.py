@@ -127,6 +127,7 @@ import os
 import torch
 import torch.nn.functional as F
 from harness.plugin import AttackPlugin, DefensePlugin
+from harness_plugins.defenses import PGDAdversarialTraining
 
 CALLS = {"perturb": 0}
 
@@ -164,6 +165,30 @@ class NaNOnRank1(CountingCrossEntropy):
 
     def corrupt(self, loss):
         return loss * float("nan") if self.calls >= 5 and os.environ.get("RANK") == "1" else loss
+
+
+class PGDATWaitsForGate(PGDAdversarialTraining):
+    """pgd-at, except that at a positive strength its 3rd loss call in a process (epoch 2, step 1 at 2 steps per
+    epoch) first writes $HARNESS_TEST_GATE-<strength>.waiting and waits (up to 10 min) until
+    $HARNESS_TEST_GATE-<strength> exists: a test signals the job only once it waits there, then opens the gate, so
+    the signal lands mid-training however loaded the machine is. Without the variable it is pgd-at."""
+
+    def __init__(self, eps, **options):
+        super().__init__(eps, **options)
+        self.calls = 0
+
+    def loss(self, model, x, y):
+        import time
+
+        self.calls += 1
+        gate = os.environ.get("HARNESS_TEST_GATE")
+        if gate and self.eps > 0 and self.calls == 3:
+            gate = f"{gate}-{round(self.eps * 255)}"
+            open(gate + ".waiting", "w").close()
+            deadline = time.monotonic() + 600
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return super().loss(model, x, y)
 
 
 class RaisesInLoss(DefensePlugin):
@@ -223,7 +248,7 @@ def evil_plugins(tmp_path, monkeypatch):
     (site / "evil_plugins-0.1.dist-info" / "entry_points.txt").write_text(
         "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\n"
         "nan-gradient = evil_plugins:NaNGradientEndingEpoch2\nnan-on-rank-1 = evil_plugins:NaNOnRank1\n"
-        "raises-in-loss = evil_plugins:RaisesInLoss\n\n"
+        "raises-in-loss = evil_plugins:RaisesInLoss\npgd-at-waits-for-gate = evil_plugins:PGDATWaitsForGate\n\n"
         "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\nraises-in-perturb = evil_plugins:RaisesInPerturb\n"
         "waits-for-gate = evil_plugins:WaitsForGate\nrefuses-the-input = evil_plugins:RefusesTheInput\n\n"
         "[harness.models]\nbroken = evil_broken:Net\n")

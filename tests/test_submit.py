@@ -30,26 +30,32 @@ def harness(*args, cwd, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def running_pid(out: Path, cell_id: str, proc, timeout: float = 900) -> int:
-    """The pid of the cell's task once it has written its first checkpoint (so its guard is in place)."""
+def pid_waiting_at_gate(out: Path, gate: Path, cell_id: str, proc, timeout: float = 900) -> int:
+    """The pid of the cell's task once it waits at its gate (in training, epoch 2, after its epoch-1 checkpoint)."""
     deadline = time.monotonic() + timeout
-    ckpt = out / "checkpoints" / f"{cell_id}.pt"
+    waiting = gate.with_name(f"{gate.name}-{cell_id.rsplit('__s', 1)[1]}.waiting")
     while True:
         record = submit.read_json_file(submit.task_record_path(out, cell_id)) or {}
-        if ckpt.exists() and record.get("state") == "running":
+        if waiting.exists() and record.get("state") == "running":
             return record["pid"]
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
 
 
-def test_local_submit_equals_a_plain_run_and_signalled_tasks_requeue_and_resume_exactly(tmp_path):
-    (tmp_path / "spec.json").write_text(json.dumps(SPEC))
-    out = tmp_path / "out"
+def test_local_submit_equals_a_plain_run_and_signalled_tasks_requeue_and_resume_exactly(evil_plugins, tmp_path):
+    # pgd-at, gated: the signalled cells wait in training until their signal was sent (no race with the machine's
+    # load); the plain run it is compared with runs without the gate
+    spec = copy.deepcopy(SPEC)
+    spec["defense"]["name"] = "pgd-at-waits-for-gate"
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    env = job_env(PYTHONPATH=f"{evil_plugins}{os.pathsep}{REPO}", HARNESS_TEST_GATE=str(gate))
     proc = harness("submit", "spec.json", "--out", "out", "--executor", "local", "--array-parallelism", 3,
-                   cwd=tmp_path)
+                   cwd=tmp_path, env=env)
     signals = {"lenet__s16": signal.SIGUSR2, "lenet__s32": signal.SIGTERM}  # submitit's preemption signal; kill's
     for cell_id, sig in signals.items():
-        os.kill(running_pid(out, cell_id, proc), sig)
+        os.kill(pid_waiting_at_gate(out, gate, cell_id, proc), sig)
+        gate.with_name(f"{gate.name}-{cell_id.rsplit('__s', 1)[1]}").touch()
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout + stderr
     assert "3 cells: 3 done, 0 running, 0 queued, 0 failed, 0 interrupted, 0 not started" in stdout
@@ -60,9 +66,9 @@ def test_local_submit_equals_a_plain_run_and_signalled_tasks_requeue_and_resume_
         record = json.loads(submit.task_record_path(out, cell_id).read_text())
         assert record["state"] == "done"
         if cell_id in signals:  # stopped mid-training (not while evaluating), requeued once, resumed
-            # a checkpoint written at the step boundary after the signal (step > 0), not the last epoch's
-            assert record["attempt"] == 2 and a["resumed_from"]["epoch"] < SPEC["training"]["epochs"], a
-            assert a["resumed_from"]["step"] > 0, a["resumed_from"]
+            # from the checkpoint written at the step boundary right after the signal: the gate's step (epoch 2 of
+            # 8, counted from 0 in the file, step 1 of 2), not an epoch's end
+            assert record["attempt"] == 2 and a["resumed_from"] == {"epoch": 1, "step": 1}, a
             logs = out / "submit" / "logs" / record["job_id"]
             log = "".join((logs / f"{record['job_id']}_0_log.{kind}").read_text() for kind in ("err", "out"))
             assert f"interrupted by {signals[cell_id].name}: cell {cell_id} stopped after step" in log
