@@ -184,7 +184,7 @@ class PGDATWaitsForGate(PGDAdversarialTraining):
         gate = os.environ.get("HARNESS_TEST_GATE")
         if gate and self.eps > 0 and self.calls == 3:
             gate = f"{gate}-{round(self.eps * 255)}"
-            open(gate + ".waiting", "w").close()
+            open(gate + ".waiting", "w").close()  # (a requeued job finds the gate open)
             deadline = time.monotonic() + 600
             while not os.path.exists(gate) and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -268,6 +268,47 @@ SUBMIT_SPEC["evaluation"].update(attacks=[{"name": "foolbox-pgd", "eps": 32, "op
                                  checks={"enabled": False})
 SUBMIT_SPEC["analysis"] = {"enabled": False}
 SUBMIT_CELLS = ["lenet__s0", "lenet__s16", "lenet__s32"]
+
+
+def gated(spec: dict) -> dict:
+    """The spec with `pgd-at-waits-for-gate` (evil_plugins) in place of pgd-at: the same training, except that with
+    $HARNESS_TEST_GATE set each positive-strength cell waits at epoch 2, step 1 until the test opens its gate."""
+    spec = copy.deepcopy(spec)
+    spec["defense"]["name"] = "pgd-at-waits-for-gate"
+    return spec
+
+
+def gate_of(gate: Path, cell_id: str) -> Path:
+    return gate.with_name(f"{gate.name}-{cell_id.rsplit('__s', 1)[1]}")
+
+
+def wait_at_gate(out: Path, gate: Path, cell_id: str, alive=lambda: True, timeout: float = 900) -> dict:
+    """The cell's task record once its job waits at the gate (training, after its epoch-1 checkpoint)."""
+    import time
+
+    from harness import submit
+
+    deadline = time.monotonic() + timeout
+    while True:
+        record = submit.read_json_file(submit.task_record_path(out, cell_id)) or {}
+        if gate_of(gate, cell_id).with_suffix(".waiting").exists() and record.get("state") == "running":
+            return record
+        assert alive() and time.monotonic() < deadline, f"{cell_id} never reached its gate: {record}"
+        time.sleep(0.02)
+
+
+def open_gate_once_received(out: Path, gate: Path, record: dict, signame: str, alive=lambda: True,
+                            timeout: float = 900) -> None:
+    """Open the cell's gate once its job has taken the signal (its guard's "<SIGNAL> received" line in the job's
+    log): the stop request is then certain to be seen at the step boundary right after the gate."""
+    import time
+
+    log = out / "submit" / "logs" / record["job_id"] / f"{record['job_id']}_0_log.err"
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and f"{signame} received" in log.read_text(errors="replace")):
+        assert alive() and time.monotonic() < deadline, f"{record['cell']} never took {signame}"
+        time.sleep(0.02)
+    gate_of(gate, record["cell"]).touch()
 
 
 def job_env(**extra) -> dict:

@@ -20,8 +20,8 @@ import pytest
 
 from harness import status, submit
 
-from conftest import (SUBMIT_CELLS as CELLS, SUBMIT_SPEC as SPEC, assert_same_as_a_plain_run, invoke,
-                      job_env)
+from conftest import (REPO, SUBMIT_CELLS as CELLS, SUBMIT_SPEC as SPEC, assert_same_as_a_plain_run, gated, invoke,
+                      job_env, open_gate_once_received, wait_at_gate)
 
 
 def _why_no_slurm() -> str | None:
@@ -53,24 +53,29 @@ def wait_running(out: Path, cell_id: str, timeout: float = 900) -> dict:
         time.sleep(0.05)
 
 
-def test_slurm_array_equals_a_plain_run_and_requeued_tasks_resume_exactly(tmp_path):
-    spec = copy.deepcopy(SPEC)
+def test_slurm_array_equals_a_plain_run_and_requeued_tasks_resume_exactly(evil_plugins, tmp_path):
+    # pgd-at, gated (the jobs inherit the environment): each signalled cell waits in training until its job has
+    # taken the signal, so where it stops does not depend on the machine's load
+    spec = gated(SPEC)
     spec["training"]["epochs"] = 10
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    out = tmp_path / "out"
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    env = job_env(PYTHONPATH=f"{evil_plugins}{os.pathsep}{REPO}", HARNESS_TEST_GATE=str(gate))
     done = subprocess.run([sys.executable, "-m", "harness", "submit", "spec.json", "--out", "out", "--executor",
-                           "slurm", "--time", "30", "--cpus-per-cell", "1"], cwd=tmp_path, env=job_env(),
+                           "slurm", "--time", "30", "--cpus-per-cell", "1"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     jobs = dict(re.findall(r"cell (\S+): Slurm job (\S+)", done.stdout))
     assert list(jobs) == CELLS and len({j.split("_")[0] for j in jobs.values()}) == 1  # one array
     try:
         # preemption / requeue by an admin: Slurm sends SIGTERM, the task checkpoints, Slurm queues it again
-        record = wait_running(out, "lenet__s16")
+        record = wait_at_gate(out, gate, "lenet__s16")
         subprocess.run(["scontrol", "requeue", record["job_id"]], check=True, timeout=60)
+        open_gate_once_received(out, gate, record, "SIGTERM")
         # the time-limit warning (--signal=USR2@...): the task checkpoints, submitit requeues it
-        record = wait_running(out, "lenet__s32")
+        record = wait_at_gate(out, gate, "lenet__s32")
         subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=60)
+        open_gate_once_received(out, gate, record, "SIGUSR2")
 
         deadline = time.monotonic() + 900
         while status.active(status.status(out)):  # some cell queued or running
@@ -87,8 +92,8 @@ def test_slurm_array_equals_a_plain_run_and_requeued_tasks_resume_exactly(tmp_pa
         assert record["job_id"] == jobs[cell_id] and record["executor"] == "slurm"
         if cell_id == "lenet__s0":
             assert record["attempt"] == 1 and "resumed_from" not in a
-        else:  # stopped mid-training, started a second time, resumed
-            assert record["attempt"] == 2 and a["resumed_from"]["epoch"] < spec["training"]["epochs"], (record, a)
+        else:  # stopped at the step boundary right after the signal (the gate's: epoch 2, step 1), resumed there
+            assert record["attempt"] == 2 and a["resumed_from"] == {"epoch": 1, "step": 1}, (record, a)
     log = (out / "submit" / "logs" / jobs["lenet__s16"] / f"{jobs['lenet__s16']}_0_log.err").read_text()
     assert "interrupted by SIGTERM: cell lenet__s16 stopped after step" in log and "Slurm requeues the job" in log
     log = (out / "submit" / "logs" / jobs["lenet__s32"] / f"{jobs['lenet__s32']}_0_log.err").read_text()

@@ -20,7 +20,8 @@ import submitit
 from harness import checkpoint, submit
 from harness.errors import BadInput
 
-from conftest import REPO, SUBMIT_CELLS, SUBMIT_SPEC, assert_same_as_a_plain_run, invoke, job_env
+from conftest import (REPO, SUBMIT_CELLS, SUBMIT_SPEC, assert_same_as_a_plain_run, gated, invoke, job_env,
+                      open_gate_once_received, wait_at_gate)
 
 SPEC, CELLS = SUBMIT_SPEC, SUBMIT_CELLS
 
@@ -30,23 +31,10 @@ def harness(*args, cwd, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def pid_waiting_at_gate(out: Path, gate: Path, cell_id: str, proc, timeout: float = 900) -> int:
-    """The pid of the cell's task once it waits at its gate (in training, epoch 2, after its epoch-1 checkpoint)."""
-    deadline = time.monotonic() + timeout
-    waiting = gate.with_name(f"{gate.name}-{cell_id.rsplit('__s', 1)[1]}.waiting")
-    while True:
-        record = submit.read_json_file(submit.task_record_path(out, cell_id)) or {}
-        if waiting.exists() and record.get("state") == "running":
-            return record["pid"]
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.02)
-
-
 def test_local_submit_equals_a_plain_run_and_signalled_tasks_requeue_and_resume_exactly(evil_plugins, tmp_path):
-    # pgd-at, gated: the signalled cells wait in training until their signal was sent (no race with the machine's
-    # load); the plain run it is compared with runs without the gate
-    spec = copy.deepcopy(SPEC)
-    spec["defense"]["name"] = "pgd-at-waits-for-gate"
+    # pgd-at, gated: each signalled cell waits in training until its job has taken the signal, so where it stops
+    # does not depend on the machine's load; the plain run it is compared with runs without the gate
+    spec = gated(SPEC)
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out, gate = tmp_path / "out", tmp_path / "gate"
     env = job_env(PYTHONPATH=f"{evil_plugins}{os.pathsep}{REPO}", HARNESS_TEST_GATE=str(gate))
@@ -54,8 +42,9 @@ def test_local_submit_equals_a_plain_run_and_signalled_tasks_requeue_and_resume_
                    cwd=tmp_path, env=env)
     signals = {"lenet__s16": signal.SIGUSR2, "lenet__s32": signal.SIGTERM}  # submitit's preemption signal; kill's
     for cell_id, sig in signals.items():
-        os.kill(pid_waiting_at_gate(out, gate, cell_id, proc), sig)
-        gate.with_name(f"{gate.name}-{cell_id.rsplit('__s', 1)[1]}").touch()
+        record = wait_at_gate(out, gate, cell_id, alive=lambda: proc.poll() is None)
+        os.kill(record["pid"], sig)
+        open_gate_once_received(out, gate, record, sig.name, alive=lambda: proc.poll() is None)
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout + stderr
     assert "3 cells: 3 done, 0 running, 0 queued, 0 failed, 0 interrupted, 0 not started" in stdout
