@@ -282,6 +282,30 @@ def gate_of(gate: Path, cell_id: str) -> Path:
     return gate.with_name(f"{gate.name}-{cell_id.rsplit('__s', 1)[1]}")
 
 
+def signal_at_gate(proc, gate: Path, cell_id: str, signum: int, pid=None, timeout: float = 300) -> list[str]:
+    """Send `signum` to `proc` (a run of a gated spec, stderr piped), or to the process `pid()` names, once its cell
+    waits at its gate, and open the gate once it has taken the signal ("<SIGNAL> received" on stderr). The stderr
+    lines read."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not gate_of(gate, cell_id).with_suffix(".waiting").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    if pid is None:
+        proc.send_signal(signum)
+    else:
+        os.kill(pid(), signum)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith(f"{signal.Signals(signum).name} received"):
+            break
+    gate_of(gate, cell_id).touch()
+    return seen
+
+
 def wait_at_gate(out: Path, gate: Path, cell_id: str, alive=lambda: True, timeout: float = 900) -> dict:
     """The cell's task record once its job waits at the gate (training, after its epoch-1 checkpoint)."""
     import time

@@ -118,45 +118,41 @@ def _worker_pid(parent: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
-def test_a_signal_reaching_one_rank_stops_every_rank_at_the_same_step_and_resumes(tmp_path):
+def test_a_signal_reaching_one_rank_stops_every_rank_at_the_same_step_and_resumes(evil_plugins, tmp_path):
     """A signal that reaches rank 1 alone must stop rank 0 too, at the same step boundary, with rank 0's checkpoint
     written: otherwise rank 0 trains on into a DDP all-reduce that rank 1 never joins and crashes, losing the
     epoch. The resumed run then ends where an uninterrupted one does."""
     import signal
-    import time
 
     import torch
 
     from harness import checkpoint
 
-    epochs = 60  # one step each: long enough after the first checkpoint for the signal to land mid-run, under load
+    from conftest import signal_at_gate
+
+    # pgd-at, gated: both ranks wait at epoch 3 (one step each) until rank 1 has taken the signal, so the stop
+    # lands there however loaded the machine is; the straight run below is not gated
+    epochs = 6
     spec = json.loads(json.dumps(SPEC))
-    spec["defense"]["strengths"] = [16]
+    spec["defense"].update(name="pgd-at-waits-for-gate", strengths=[16])
     spec["training"].update(epochs=epochs, max_batches=1)
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = worker_env()
+    env = worker_env(evil_plugins, HARNESS_TEST_GATE=str(tmp_path / "gate"))
     command = torchrun(spec_path, str(tmp_path / "two"))
     ckpt = tmp_path / "two" / "checkpoints" / "lenet__s16.pt"
 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 300
-    rank1 = None
-    while rank1 is None:  # found before training starts, so that the signal follows the first checkpoint at once
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        rank1 = _worker_pid(proc.pid, 1)
-        time.sleep(0.01)
-    while not ckpt.exists():  # epoch 1 is done: both ranks are training, their guards installed
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.002)
-    os.kill(rank1, signal.SIGTERM)
+    seen = signal_at_gate(proc, tmp_path / "gate", "lenet__s16", signal.SIGTERM, pid=lambda: _worker_pid(proc.pid, 1))
     stdout, stderr = proc.communicate(timeout=300)
+    stderr = "".join(seen) + stderr
     assert proc.returncode != 0
     # both ranks stopped at a step boundary by the signal (rank 0 adopted rank 1's), neither by a broken collective
     assert stderr.count("interrupted by SIGTERM: cell lenet__s16 stopped after step") == 2, stderr[-3000:]
     assert stderr.count("exitcode  : 143") == 2, stderr[-3000:]  # torchrun's summary: both exited as SIGTERM says
     state = checkpoint.load(ckpt)
-    assert 1 <= state["epoch"] < epochs - 1, state["epoch"]  # mid-run: epochs after the first one were saved
+    # at the step boundary right after the gate: epoch 3's one step done, its end not yet booked
+    assert (state["epoch"], state["step"]) == (2, 1), (state["epoch"], state["step"])
 
     proc = run_torchrun(spec_path, str(tmp_path / "two"), env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -16,49 +16,51 @@ from harness import checkpoint, runner
 from harness.cli import cli
 from harness.interrupt import InterruptGuard
 
-from conftest import REPO, invoke
+from conftest import REPO, invoke, signal_at_gate
 
 
-def harness(*args, cwd):
-    env = dict(os.environ, GIT_PYTHON_REFRESH="quiet", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+def harness(*args, cwd, plugins=None, **extra):
+    path = os.pathsep.join([str(plugins), str(REPO)] if plugins else [str(REPO)])
+    env = dict(os.environ, GIT_PYTHON_REFRESH="quiet", PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
     return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_to_a_real_run_checkpoints_and_resumes(tiny_spec, tmp_path):
-    epochs = 20  # one step each: long enough after the first checkpoint for the signal to land mid-run
+def test_sigterm_to_a_real_run_checkpoints_and_resumes(evil_plugins, tiny_spec, tmp_path):
+    # pgd-at, gated: the cell waits at epoch 3 (of 20, one step each) until the run has taken the signal, so it
+    # stops at that step boundary however loaded the machine is; the straight run below is not gated
+    epochs = 20
     tiny_spec["dataset"].update(max_train=64, max_test=32)
-    tiny_spec["defense"].update(name="none", strengths=[0], options={})
+    tiny_spec["defense"].update(name="pgd-at-waits-for-gate", strengths=[16], options={"steps": 1, "step_size": 16})
     tiny_spec["training"].update(epochs=epochs, batch_size=32, max_batches=1)
     tiny_spec["evaluation"]["attacks"][0]["options"] = {"steps": 1, "step_size": 16}
     (tmp_path / "spec.json").write_text(json.dumps(tiny_spec))
-    ckpt = tmp_path / "out" / "checkpoints" / "lenet__s0.pt"
+    ckpt = tmp_path / "out" / "checkpoints" / "lenet__s16.pt"
+    gate = tmp_path / "gate"
 
-    proc = harness("run", "spec.json", "--out", "out", cwd=tmp_path)
-    deadline = time.monotonic() + 120
-    while not ckpt.exists():  # the first checkpoint means the guard is installed and training is under way
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGTERM)
+    proc = harness("run", "spec.json", "--out", "out", cwd=tmp_path, plugins=evil_plugins, HARNESS_TEST_GATE=str(gate))
+    seen = signal_at_gate(proc, gate, "lenet__s16", signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
+    stderr = "".join(seen) + stderr
     assert proc.returncode == 143, stdout + stderr
-    assert "SIGTERM received" in stderr and "interrupted by SIGTERM: cell lenet__s0 stopped after step" in stderr
+    assert "SIGTERM received" in stderr and "interrupted by SIGTERM: cell lenet__s16 stopped after step" in stderr
     assert "-m harness run spec.json --out out" in stderr and "Traceback" not in stderr  # as invoked
     state = checkpoint.load(ckpt)
-    assert 1 <= state["epoch"] < epochs and len(state["history"]) == state["epoch"]
-    assert not (tmp_path / "out" / "cells" / "lenet__s0.json").exists()
+    # stopped at the step boundary right after the gate: epoch 3's one step done, its end not yet booked
+    assert (state["epoch"], state["step"]) == (2, 1) and len(state["history"]) == 2, (state["epoch"], state["step"])
+    assert not (tmp_path / "out" / "cells" / "lenet__s16.json").exists()
 
-    proc = harness("run", "spec.json", "--out", "out", cwd=tmp_path)
+    proc = harness("run", "spec.json", "--out", "out", cwd=tmp_path, plugins=evil_plugins, HARNESS_TEST_GATE=str(gate))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout + stderr
-    cell = json.loads((tmp_path / "out" / "cells" / "lenet__s0.json").read_text())
+    cell = json.loads((tmp_path / "out" / "cells" / "lenet__s16.json").read_text())
     assert cell["status"] == "done" and cell["resumed_from"] == {"epoch": state["epoch"], "step": state["step"]}
     assert [h["epoch"] for h in cell["history"]] == list(range(1, epochs + 1))
 
     # the same spec without interruption, in this process: the same parameters to the bit
     assert invoke("run", tmp_path / "spec.json", "--out", tmp_path / "straight").exit_code == 0
     a = checkpoint.load(ckpt)["model"]
-    b = checkpoint.load(tmp_path / "straight" / "checkpoints" / "lenet__s0.pt")["model"]
+    b = checkpoint.load(tmp_path / "straight" / "checkpoints" / "lenet__s16.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
