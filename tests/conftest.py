@@ -132,6 +132,36 @@ from harness_plugins.defenses import PGDAdversarialTraining
 CALLS = {"perturb": 0}
 
 
+def wait_at_gate(calls, eps):
+    """The gate of the `*-waits-for-gate` defenses: with $HARNESS_TEST_GATE set, a cell's 3rd loss call in a process
+    (in training, after its first checkpoint at <= 2 steps per epoch) writes $HARNESS_TEST_GATE-<strength>.waiting
+    and waits (up to 10 min) until $HARNESS_TEST_GATE-<strength> exists. A test opens it once what it must see
+    has happened (its signal taken, a status shown), so that cannot depend on the machine's load. A requeued job
+    finds its gate open. Without the variable nothing waits."""
+    import time
+
+    gate = os.environ.get("HARNESS_TEST_GATE")
+    if gate and calls == 3:
+        gate = f"{gate}-{round(eps * 255)}"
+        open(gate + ".waiting", "w").close()
+        deadline = time.monotonic() + 600
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class PGDATWaitsForGate(PGDAdversarialTraining):
+    """pgd-at, waiting at the gate (wait_at_gate)."""
+
+    def __init__(self, eps, **options):
+        super().__init__(eps, **options)
+        self.calls = 0
+
+    def loss(self, model, x, y):
+        self.calls += 1
+        wait_at_gate(self.calls, self.eps)
+        return super().loss(model, x, y)
+
+
 class CountingCrossEntropy(DefensePlugin):
     """Cross-entropy that counts its calls; at a positive strength `corrupt` decides what each call returns."""
 
@@ -152,6 +182,14 @@ class ExplodeAtEpoch2(CountingCrossEntropy):
         return loss * float("inf") if self.calls >= 5 else loss
 
 
+class ExplodeWaitsForGate(ExplodeAtEpoch2):
+    """explode, waiting at the gate (wait_at_gate)."""
+
+    def loss(self, model, x, y):
+        wait_at_gate(self.calls + 1, self.eps)
+        return super().loss(model, x, y)
+
+
 class NaNGradientEndingEpoch2(CountingCrossEntropy):
     """A finite value but a NaN gradient at the 4th batch (epoch 2, step 2 of 2): sqrt(0 * loss) is 0, its
     derivative 0 * inf."""
@@ -165,30 +203,6 @@ class NaNOnRank1(CountingCrossEntropy):
 
     def corrupt(self, loss):
         return loss * float("nan") if self.calls >= 5 and os.environ.get("RANK") == "1" else loss
-
-
-class PGDATWaitsForGate(PGDAdversarialTraining):
-    """pgd-at, except that at a positive strength its 3rd loss call in a process (epoch 2, step 1 at 2 steps per
-    epoch) first writes $HARNESS_TEST_GATE-<strength>.waiting and waits (up to 10 min) until
-    $HARNESS_TEST_GATE-<strength> exists: a test signals the job only once it waits there, then opens the gate, so
-    the signal lands mid-training however loaded the machine is. Without the variable it is pgd-at."""
-
-    def __init__(self, eps, **options):
-        super().__init__(eps, **options)
-        self.calls = 0
-
-    def loss(self, model, x, y):
-        import time
-
-        self.calls += 1
-        gate = os.environ.get("HARNESS_TEST_GATE")
-        if gate and self.eps > 0 and self.calls == 3:
-            gate = f"{gate}-{round(self.eps * 255)}"
-            open(gate + ".waiting", "w").close()  # (a requeued job finds the gate open)
-            deadline = time.monotonic() + 600
-            while not os.path.exists(gate) and time.monotonic() < deadline:
-                time.sleep(0.01)
-        return super().loss(model, x, y)
 
 
 class RaisesInLoss(DefensePlugin):
@@ -247,6 +261,7 @@ def evil_plugins(tmp_path, monkeypatch):
                                                                  "Version: 0.1\n")
     (site / "evil_plugins-0.1.dist-info" / "entry_points.txt").write_text(
         "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\n"
+        "explode-waits-for-gate = evil_plugins:ExplodeWaitsForGate\n"
         "nan-gradient = evil_plugins:NaNGradientEndingEpoch2\nnan-on-rank-1 = evil_plugins:NaNOnRank1\n"
         "raises-in-loss = evil_plugins:RaisesInLoss\npgd-at-waits-for-gate = evil_plugins:PGDATWaitsForGate\n\n"
         "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\nraises-in-perturb = evil_plugins:RaisesInPerturb\n"
@@ -272,7 +287,7 @@ SUBMIT_CELLS = ["lenet__s0", "lenet__s16", "lenet__s32"]
 
 def gated(spec: dict) -> dict:
     """The spec with `pgd-at-waits-for-gate` (evil_plugins) in place of pgd-at: the same training, except that with
-    $HARNESS_TEST_GATE set each positive-strength cell waits at epoch 2, step 1 until the test opens its gate."""
+    $HARNESS_TEST_GATE set each cell waits at epoch 2, step 1 until the test opens its gate (gate_of)."""
     spec = copy.deepcopy(spec)
     spec["defense"]["name"] = "pgd-at-waits-for-gate"
     return spec

@@ -20,8 +20,8 @@ import pytest
 
 from harness import status, submit
 
-from conftest import (REPO, SUBMIT_CELLS as CELLS, SUBMIT_SPEC as SPEC, assert_same_as_a_plain_run, gated, invoke,
-                      job_env, open_gate_once_received, wait_at_gate)
+from conftest import (REPO, SUBMIT_CELLS as CELLS, SUBMIT_SPEC as SPEC, assert_same_as_a_plain_run, gate_of, gated,
+                      invoke, job_env, open_gate_once_received, wait_at_gate)
 
 
 def _why_no_slurm() -> str | None:
@@ -61,6 +61,7 @@ def test_slurm_array_equals_a_plain_run_and_requeued_tasks_resume_exactly(evil_p
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out, gate = tmp_path / "out", tmp_path / "gate"
     env = job_env(PYTHONPATH=f"{evil_plugins}{os.pathsep}{REPO}", HARNESS_TEST_GATE=str(gate))
+    gate_of(gate, "lenet__s0").touch()  # the cell left alone
     done = subprocess.run([sys.executable, "-m", "harness", "submit", "spec.json", "--out", "out", "--executor",
                            "slurm", "--time", "30", "--cpus-per-cell", "1"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)

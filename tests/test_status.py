@@ -14,7 +14,7 @@ import time
 
 from harness import checkpoint
 
-from conftest import REPO, SUBMIT_SPEC as SPEC, invoke, job_env
+from conftest import REPO, SUBMIT_SPEC as SPEC, gate_of, invoke, job_env
 
 FAILURE = "training loss became inf at epoch 2, step 1"
 
@@ -28,7 +28,8 @@ def test_status_of_cells_in_every_state(evil_plugins, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = copy.deepcopy(SPEC)
     spec["models"] = [{"name": "lenet", "label": "a"}, {"name": "lenet", "label": "b"}]
-    spec["defense"] = {"name": "explode", "strengths": [0, 32]}  # inf from the 5th batch on at strength 32
+    # explode (inf from the 5th batch on at strength 32), waiting at the gate where $HARNESS_TEST_GATE is set
+    spec["defense"] = {"name": "explode-waits-for-gate", "strengths": [0, 32]}
     spec["training"].update(epochs=3, max_batches=4)
     (tmp_path / "spec.json").write_text(json.dumps(spec))
 
@@ -56,22 +57,31 @@ def test_status_of_cells_in_every_state(evil_plugins, tmp_path, monkeypatch):
     assert "4 cells: 1 done, 0 running, 0 queued, 1 failed, 1 interrupted, 1 not started" in shown.output
     assert "resubmit what is missing: harness submit SPEC --out out" in shown.output  # no submission yet
 
-    # submit what is missing, one cell at a time: b__s0 resumes, b__s32 waits for the slot (and later fails)
-    env = job_env(PYTHONPATH=f"{evil_plugins}:{REPO}")
+    # submit what is missing, one cell at a time: b__s0 resumes, b__s32 waits for the slot (and later fails).
+    # The jobs are gated: b__s0 waits in training until this test has seen it running and b__s32 queued,
+    # both here and in `status --watch`, so what is seen does not depend on the machine's load.
+    gate = tmp_path / "gate"
+    gate_of(gate, "b__s32").touch()
+    env = job_env(PYTHONPATH=f"{evil_plugins}:{REPO}", HARNESS_TEST_GATE=str(gate))
     proc = subprocess.Popen([sys.executable, "-m", "harness", "submit", "spec.json", "--out", "out", "--executor",
                              "local", "--array-parallelism", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 900  # generous: a loaded machine takes minutes to start jobs
-    while True:
-        row = rows(invoke("status", "out").output)
-        if "running" in row["b__s0"] and "queued" in row["b__s32"]:
-            break
+    while not gate_of(gate, "b__s0").with_suffix(".waiting").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
+        time.sleep(0.05)
+    row = rows(invoke("status", "out").output)
+    assert "running" in row["b__s0"] and "queued" in row["b__s32"], row
     assert "waiting for a local slot" in row["b__s32"]
+    assert row["a__s0"].split("│")[2].strip() == "done" and "failed" in row["a__s32"]  # not submitted again
     watch = subprocess.Popen([sys.executable, "-m", "harness", "status", "out", "--watch", "--interval", "0.5"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert row["a__s0"].split("│")[2].strip() == "done" and "failed" in row["a__s32"]  # not submitted again
+    watched = []
+    for line in watch.stdout:  # the watch's first table, drawn while b__s0 waits
+        watched.append(line)
+        if line.startswith("│ b__s0") and "running" in line:
+            break
+    gate_of(gate, "b__s0").touch()
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 1, stdout + stderr  # b__s32 failed
     assert f"cell a__s32: not submitted: failed ({FAILURE}" in stdout
@@ -88,7 +98,7 @@ def test_status_of_cells_in_every_state(evil_plugins, tmp_path, monkeypatch):
     assert b0["resumed_from"] == {"epoch": 1, "step": 1}
 
     # --watch redrew the table while cells ran and stopped by itself once none was queued or running
-    watched, _ = watch.communicate(timeout=120)
+    watched = "".join(watched) + watch.communicate(timeout=120)[0]
     assert watch.returncode == 0
     assert watched.count("harness status out") >= 2 and "running" in watched
     assert watched.rstrip().splitlines()[-1].startswith(final)

@@ -20,8 +20,8 @@ import submitit
 from harness import checkpoint, submit
 from harness.errors import BadInput
 
-from conftest import (REPO, SUBMIT_CELLS, SUBMIT_SPEC, assert_same_as_a_plain_run, gated, invoke, job_env,
-                      open_gate_once_received, wait_at_gate)
+from conftest import (REPO, SUBMIT_CELLS, SUBMIT_SPEC, assert_same_as_a_plain_run, gate_of, gated, invoke,
+                      job_env, open_gate_once_received, wait_at_gate)
 
 SPEC, CELLS = SUBMIT_SPEC, SUBMIT_CELLS
 
@@ -38,6 +38,7 @@ def test_local_submit_equals_a_plain_run_and_signalled_tasks_requeue_and_resume_
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out, gate = tmp_path / "out", tmp_path / "gate"
     env = job_env(PYTHONPATH=f"{evil_plugins}{os.pathsep}{REPO}", HARNESS_TEST_GATE=str(gate))
+    gate_of(gate, "lenet__s0").touch()  # the cell left alone
     proc = harness("submit", "spec.json", "--out", "out", "--executor", "local", "--array-parallelism", 3,
                    cwd=tmp_path, env=env)
     signals = {"lenet__s16": signal.SIGUSR2, "lenet__s32": signal.SIGTERM}  # submitit's preemption signal; kill's
