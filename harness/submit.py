@@ -63,6 +63,7 @@ import click
 import submitit
 import submitit.helpers
 
+from harness import integrity
 from harness.errors import BadInput, HarnessError
 from harness.interrupt import Interrupted, also_stop_on
 from harness.paths import inside
@@ -358,7 +359,10 @@ class CellTask(submitit.helpers.Checkpointable):
             raise TaskFailed(str(exc)) from None
         if not main:
             return {"cell": self.cell_id, "rank": env.global_rank}
-        cell = read_json_file(out / "cells" / f"{self.cell_id}.json") or {}
+        try:  # verified and validated, as the run and `harness status` read it
+            cell = integrity.read_cell(out / "cells" / f"{self.cell_id}.json") or {}
+        except BadInput as exc:
+            cell = {"error": exc.message}
         if cell.get("status") != "done":  # the run exits 1 when any cell of its report failed: ask the cell itself
             error = cell.get("error") or f"`harness run` exited with code {code} without a result for this cell"
             _update_task_record(out, self.cell_id, env.job_id, state="failed", error=error)
@@ -406,8 +410,14 @@ class CellTask(submitit.helpers.Checkpointable):
             return
         done, finished = [], {}
         for cell_id in self.plan:
-            cell = read_json_file(out / "cells" / f"{cell_id}.json")
-            if isinstance(cell, dict) and cell.get("spec_digest") == self.digest:
+            try:  # verified and validated: what the reassembling run will read
+                cell = integrity.read_cell(out / "cells" / f"{cell_id}.json")
+            except integrity.Unusable:  # not a cell result: as if missing (the run would evaluate that cell again)
+                continue
+            except BadInput as exc:  # damaged: every run in this folder stops on it until it is deleted
+                print(f"report.json not reassembled ({exc.message}); {exc.fix}", file=sys.stderr, flush=True)
+                return
+            if cell is not None and cell.get("spec_digest") == self.digest:
                 finished[cell_id] = cell
                 if cell.get("status") == "done":
                     done.append(cell_id)

@@ -119,7 +119,7 @@ def test_failed_cells_are_recorded_shown_and_never_requeued(evil_plugins, tmp_pa
     assert "cell lenet__s32: not submitted: failed (training loss became inf" in again.output
 
 
-def test_the_last_job_to_finish_reassembles_a_report_that_lost_a_cell(tmp_path, write_spec):
+def test_the_last_job_to_finish_reassembles_a_report_that_lost_a_cell(tmp_path, write_spec, capsys):
     """Two jobs finishing together: the one that read cells/ before the other's file existed writes its report.json
     last, without that cell. The job that finds its submission finished puts it back (and only then runs)."""
     spec = copy.deepcopy(SPEC)
@@ -144,6 +144,21 @@ def test_the_last_job_to_finish_reassembles_a_report_that_lost_a_cell(tmp_path, 
     before = (out / "report.json").stat().st_mtime_ns
     task._rebuild_report_if_last()  # complete already: left as it is
     assert (out / "report.json").stat().st_mtime_ns == before
+
+    # a cell file damaged since (one digit of a metric changed: still JSON, its checksum no longer verifies): the
+    # cells are read as the run reads them, so nothing is reassembled from it, and the job says what to delete
+    (out / "report.json").write_text(stale)
+    capsys.readouterr()
+    path = out / "cells" / "lenet__s0.json"
+    text = path.read_text()
+    at = text.index('"clean_acc": ') + len('"clean_acc": ')
+    path.write_text(text[:at] + str((int(text[at]) + 1) % 10) + text[at + 1:])
+    task._rebuild_report_if_last()
+    shown = capsys.readouterr()
+    err = shown.err
+    assert "reassembling report.json" not in shown.out  # no run started that would stop on it
+    assert f"report.json not reassembled (cell result {path} is damaged" in err and f"delete {path}" in err, err
+    assert (out / "report.json").read_text() == stale
 
 
 def test_options_are_validated_with_json_paths_and_dry_run_submits_nothing(tmp_path, write_spec):
