@@ -155,6 +155,28 @@ def test_unknown_timm_arch_and_variant_of_a_plain_plugin():
         registry.load("model", "timm")(arch="nope").build(10, (3, 32, 32))
 
 
+@pytest.mark.parametrize("model, problem", [
+    ({"name": "timm", "options": {"arch": "nope"}}, "timm has no architecture 'nope'"),
+    ({"name": "timm:resnet10t", "options": {"kwargs": {"bogus": 1}}},
+     "timm.create_model('resnet10t') rejected the options: ResNet.__init__() got an unexpected keyword argument 'bogus'"),
+    ({"name": "timm:resnet10t", "options": {"kwargs": {"num_classes": 5}}},  # the harness passes the dataset's
+     "kwargs num_classes: the harness sets this itself"),
+    ({"name": "timm:vit_tiny_patch16_224", "options": {"kwargs": {"embed_dim": 100}}},  # 3 heads
+     "timm.create_model('vit_tiny_patch16_224', **kwargs) fails: AssertionError: dim should be divisible by num_heads"),
+    ({"name": "timm:vit_tiny_patch16_224", "options": {"kwargs": {"embed_dim": 96000}}},
+     "timm's vit_tiny_patch16_224 with these kwargs has 1,327,212,960,010 parameters, over the 2,000,000,000"),
+])
+def test_validate_refuses_timm_options_that_run_could_not_build(write_spec, tiny_spec, model, problem):
+    """validate builds the timm model on the meta device (no memory): what timm refuses, or a model too large to
+    train, is refused at the model's options path, exit 2, instead of failing once the run builds it."""
+    from conftest import invoke
+
+    tiny_spec["models"] = [{"name": "lenet"}, model]
+    result = invoke("validate", write_spec(tiny_spec))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "$.models[1].options: " + problem in " ".join(result.output.split()), result.output
+
+
 def test_timm_variant_runs_through_a_spec(tmp_path):
     from rich.console import Console
 
