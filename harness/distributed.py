@@ -27,9 +27,19 @@ A stop request (SIGINT/SIGTERM, harness.interrupt) is agreed on: at every step b
 one rank) stops every rank at the same boundary, where rank 0 writes the checkpoint; without it the rank that
 stopped first would leave the other blocked in DDP's gradient all-reduce until it crashed, losing the epoch.
 
-A non-finite loss is agreed on the same way (`all_true`, before the backward pass): one rank's NaN fails the
+A non-finite loss is agreed on the same way (`agree_step`, before the backward pass): one rank's NaN fails the
 cell on every rank at the same step, so the ranks go on to the next cell together; without it the rank whose
 shard stayed finite would wait in the backward's all-reduce for a rank that had left the cell.
+
+So is an error in one rank's loss (a defense plugin raising on that rank's shard alone, a numeric error there):
+every step has agreement points, the same all-reduce each time (`agree_step`): before each forward through the
+DDP wrapper (`_Routed`; DDP's forward broadcasts buffers, a collective of its own) and after the loss. A rank
+whose loss raised joins the next one with its failure instead of leaving, so every rank stops at that point:
+the cell fails on every rank (a plugin failure or a numeric error: the ranks go on to the next cell together,
+rank 0 records the failing rank's error) or the run ends on every rank with the failing rank's exit code. Before,
+the failing rank went on to the next cell while the others waited in DDP's broadcast: both hung.
+An exception inside the backward pass itself on one rank only (a custom autograd function of a plugin) is not
+covered: the others are then inside DDP's gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from harness.errors import BadInput, HarnessError
+from harness.errors import BadInput, HarnessError, RunFailure
 
 TIMEOUT = dt.timedelta(hours=12)
 
@@ -67,19 +77,43 @@ class MainRankFailed(HarnessError):
         self.exit_code = code
 
 
+class OtherRankFailed(HarnessError):
+    """Raised on the ranks whose step went well when another rank's loss failed in a way that ends the run (not a
+    cell failure): they exit with that rank's code; its own error (printed by that rank) says why."""
+
+    agreed = True  # raised by the agreement itself: not to be agreed on again (Runtime.step_failed)
+
+    def __init__(self, rank: int, code: int, message: str):
+        super().__init__(f"stopped because rank {rank} failed in a training step: {message}",
+                         fix=f"rank {rank}'s error above says why and what to do")
+        self.exit_code = code
+
+
+class CellFailedOnOtherRank(RunFailure):
+    """Raised on the ranks whose step went well when another rank's loss failed the cell (a plugin failure or a
+    numeric error in its shard): the cell fails on every rank, rank 0 records the failing rank's error."""
+
+    agreed = True
+
+    def __init__(self, rank: int, message: str, fix: str | None):
+        super().__init__(f"{message} (on rank {rank})", fix=fix)
+
+
 class _Routed(nn.Module):
     """The model a defense sees under DDP: a forward with trainable parameters and autograd on (the loss the
     optimizer follows) goes through DistributedDataParallel; any other forward (an adversary inside
     `adversary_mode`, whose parameters are frozen, or an evaluation under no_grad) runs the unwrapped module, so
     DDP's reducer only ever sees the one forward/backward per step it synchronizes."""
 
-    def __init__(self, module: nn.Module, ddp: nn.Module):
+    def __init__(self, module: nn.Module, ddp: nn.Module, agree: Callable[[], object]):
         super().__init__()
         self.module = module
         object.__setattr__(self, "_ddp", ddp)  # not a registered child: parameters listed once, via `module`
+        object.__setattr__(self, "_agree", agree)
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters()):
+            self._agree()  # an agreement point (module doc): a rank whose loss failed before this forward says so
             return self._ddp(*args, **kwargs)
         return self.module(*args, **kwargs)
 
@@ -209,7 +243,7 @@ class Distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
-        return _Routed(model, compile_fn(DDP(model, device_ids=device_ids)))
+        return _Routed(model, compile_fn(DDP(model, device_ids=device_ids)), self.agree_step)
 
     def shard(self, iterator: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in iterator:
@@ -229,9 +263,27 @@ class Distributed:
 
         return requested
 
-    def all_true(self, flag: bool) -> bool:
-        """Whether `flag` holds on every rank (one all-reduce, min, of one integer)."""
-        return bool(self._all_reduce([int(flag)], torch.int64, torch_dist.ReduceOp.MIN)[0])
+    def agree_step(self, finite: bool = True, failure: BaseException | None = None, cell_level: bool = False) -> bool:
+        """An agreement point of a training step (module doc): one all-reduce (max) of [how this rank failed (0
+        not, 1 the cell, 2 the run), whether its loss is non-finite]. Returns whether the loss is finite on every
+        rank. When a rank failed, the ranks exchange why (all_gather_object) and every rank whose own failure is
+        not the worst one raises: CellFailedOnOtherRank or OtherRankFailed with the failing rank's message; a
+        rank whose failure is the worst returns False and re-raises its own."""
+        mine = 0 if failure is None else 1 if cell_level else 2
+        worst, non_finite = (int(v) for v in self._all_reduce([mine, int(not finite)], torch.int64,
+                                                               torch_dist.ReduceOp.MAX))
+        if not worst:
+            return not non_finite
+        told: list = [None] * self.world_size
+        torch_dist.all_gather_object(told, None if failure is None else (
+            mine, exit_code_of(failure), (str(failure).strip().splitlines() or [type(failure).__name__])[0][:500],
+            getattr(failure, "fix", None)))
+        if mine == worst:
+            return False
+        rank, (_, code, message, fix) = next((r, t) for r, t in enumerate(told) if t is not None and t[0] == worst)
+        if worst == 1:
+            raise CellFailedOnOtherRank(rank, message, fix)
+        raise OtherRankFailed(rank, code, message)
 
     def sum_totals(self, total: float, seen: int) -> tuple[float, int]:
         t = self._all_reduce([total, float(seen)], torch.float64, torch_dist.ReduceOp.SUM)

@@ -334,9 +334,17 @@ class Runtime:
         return self.distributed.agreed_stop(guard) if self.distributed is not None else guard.requested
 
     def all_finite(self, value: float) -> bool:
-        """Whether the step's loss is finite on every rank (agreed under DDP, so all ranks stop at the same step)."""
+        """Whether the step's loss is finite on every rank (agreed under DDP, so all ranks stop at the same step;
+        there it is also where a rank whose loss failed stops the others: harness.distributed)."""
         finite = math.isfinite(value)
-        return self.distributed.all_true(finite) if self.distributed is not None else finite
+        return self.distributed.agree_step(finite) if self.distributed is not None else finite
+
+    def step_failed(self, failure: BaseException, cell_level: bool) -> None:
+        """This rank's loss raised `failure` (the caller re-raises it): under DDP, join the step's next agreement
+        with it, so that the other ranks stop there too instead of waiting in a collective this rank left
+        (harness.distributed). `cell_level`: it fails the cell, not the run."""
+        if self.distributed is not None and not getattr(failure, "agreed", False):
+            self.distributed.agree_step(failure=failure, cell_level=cell_level)
 
     def epoch_totals(self, total: float, seen: int) -> tuple[float, int]:
         """The epoch's summed objective and sample count over all ranks."""

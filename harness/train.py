@@ -132,9 +132,13 @@ def train(
             started, total, seen = started - p["seconds"], p["total"], p["seen"]
         for step, (x, y) in enumerate(steps, start=skip + 1):
             try:
-                with registry.blame(defense, "loss", passthrough=is_numeric_error):  # numeric: NumericError below
-                    loss = runtime.loss(defense, step_model, x, y)
-                value = float(loss.detach())
+                try:
+                    with registry.blame(defense, "loss", passthrough=is_numeric_error):  # numeric: NumericError below
+                        loss = runtime.loss(defense, step_model, x, y)
+                    value = float(loss.detach())
+                except BaseException as exc:  # under DDP: the other ranks learn of it and stop at the same point
+                    runtime.step_failed(exc, cell_level=isinstance(exc, RunFailure) or is_numeric_error(exc))
+                    raise
                 if not runtime.all_finite(value):  # under DDP: on any rank
                     raise NonFiniteLoss(epoch, step, value)
                 optimizer.zero_grad(set_to_none=True)

@@ -205,6 +205,30 @@ class NaNOnRank1(CountingCrossEntropy):
         return loss * float("nan") if self.calls >= 5 and os.environ.get("RANK") == "1" else loss
 
 
+class RaisesOnRank1(CountingCrossEntropy):
+    """A plugin bug on torchrun rank 1's shard alone: a KeyError at its 3rd batch (epoch 2 at 2 steps per
+    epoch), before its forward through the model (a failure there fails the cell)."""
+
+    def loss(self, model, x, y):
+        if self.calls == 2 and self.eps > 0 and os.environ.get("RANK") == "1":
+            raise KeyError("no such shard")
+        return super().loss(model, x, y)
+
+    def corrupt(self, loss):
+        return loss
+
+
+class RefusesOnRank1(RaisesOnRank1):
+    """The same place, but the plugin says the input is wrong (BadInput: the run ends with exit 2)."""
+
+    def loss(self, model, x, y):
+        if self.calls == 2 and self.eps > 0 and os.environ.get("RANK") == "1":
+            from harness.errors import BadInput
+
+            raise BadInput("refuses-on-rank-1: this shard holds an image it cannot take", fix="use other data")
+        return super().loss(model, x, y)
+
+
 class RaisesInLoss(DefensePlugin):
     """A plugin bug: a KeyError inside its loss (for the plugin-boundary messages)."""
 
@@ -263,7 +287,8 @@ def evil_plugins(tmp_path, monkeypatch):
         "[harness.defenses]\nexplode = evil_plugins:ExplodeAtEpoch2\n"
         "explode-waits-for-gate = evil_plugins:ExplodeWaitsForGate\n"
         "nan-gradient = evil_plugins:NaNGradientEndingEpoch2\nnan-on-rank-1 = evil_plugins:NaNOnRank1\n"
-        "raises-in-loss = evil_plugins:RaisesInLoss\npgd-at-waits-for-gate = evil_plugins:PGDATWaitsForGate\n\n"
+        "raises-in-loss = evil_plugins:RaisesInLoss\npgd-at-waits-for-gate = evil_plugins:PGDATWaitsForGate\n"
+        "raises-on-rank-1 = evil_plugins:RaisesOnRank1\nrefuses-on-rank-1 = evil_plugins:RefusesOnRank1\n\n"
         "[harness.attacks]\nleaves-ball = evil_plugins:LeavesTheBall\nraises-in-perturb = evil_plugins:RaisesInPerturb\n"
         "waits-for-gate = evil_plugins:WaitsForGate\nrefuses-the-input = evil_plugins:RefusesTheInput\n\n"
         "[harness.models]\nbroken = evil_broken:Net\n")

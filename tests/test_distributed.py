@@ -182,6 +182,44 @@ def test_a_non_finite_loss_on_one_rank_fails_the_cell_on_every_rank_and_the_next
     assert "non-finite in another process's shard at epoch 2, step 1" in failed["error"]
 
 
+def test_a_plugin_failing_on_one_rank_fails_the_cell_on_every_rank_and_the_next_cell_runs(evil_plugins, tmp_path):
+    """Rank 1's defense raises before its forward through the model, while rank 0 goes on into DDP's forward
+    (which broadcasts buffers: a collective). Before, rank 1 failed the cell alone and went on to the next one,
+    rank 0 waited in the broadcast, and both hung until the process group's 12-hour timeout. Now the cell fails
+    on both at the same point, rank 0 records rank 1's error, and both go on to the next cell."""
+    spec = json.loads(json.dumps(SPEC))
+    spec["defense"] = {"name": "raises-on-rank-1", "strengths": [8, 0]}
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = run_torchrun(spec_path, str(tmp_path / "out"), worker_env(evil_plugins))  # a hang: its 300 s timeout
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a failed cell, as in one process
+    assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    failed, done = report["cells"]
+    assert (failed["id"], failed["status"], done["id"], done["status"]) == ("lenet__s8", "failed", "lenet__s0", "done")
+    assert failed["error"].startswith("defense plugin 'raises-on-rank-1' (evil_plugins:RaisesOnRank1, from "
+                                      "evil-plugins 0.1) failed in loss: KeyError: 'no such shard'"), failed["error"]
+    assert "(on rank 1)" in failed["error"]
+    assert [h["epoch"] for h in done["history"]] == [1, 2]
+
+
+def test_a_bad_input_on_one_rank_ends_the_run_on_every_rank_with_its_exit_code(evil_plugins, tmp_path):
+    """The same place, but rank 1's plugin says the input is wrong (BadInput): every rank exits 2, rank 0 saying
+    that rank 1 failed and rank 1 why, without a traceback of ours."""
+    spec = json.loads(json.dumps(SPEC))
+    spec["defense"] = {"name": "refuses-on-rank-1", "strengths": [8, 0]}
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = run_torchrun(spec_path, str(tmp_path / "out"), worker_env(evil_plugins))
+    assert proc.returncode != 0 and proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]
+    assert "refuses-on-rank-1: this shard holds an image it cannot take" in proc.stderr
+    assert "stopped because rank 1 failed in a training step: refuses-on-rank-1: this shard holds" in proc.stderr
+    ours = re.sub(r"Traceback \(most recent call last\):\n(?:  .*\n)+?torch\.distributed\.elastic\.multiprocessing"
+                  r"\.errors\.ChildFailedError:", "", proc.stderr)
+    assert ours.count("Traceback") == 0 and "gloo" not in ours.lower(), ours[-5000:]
+    assert not (tmp_path / "out" / "cells" / "lenet__s8.json").exists()  # the run ended: no cell result
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
 def test_a_signal_while_rank_0_evaluates_alone_stops_every_rank_with_its_code_and_resumes(evil_plugins, tmp_path):
