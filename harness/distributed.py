@@ -81,8 +81,6 @@ class OtherRankFailed(HarnessError):
     """Raised on the ranks whose step went well when another rank's loss failed in a way that ends the run (not a
     cell failure): they exit with that rank's code; its own error (printed by that rank) says why."""
 
-    agreed = True  # raised by the agreement itself: not to be agreed on again (Runtime.step_failed)
-
     def __init__(self, rank: int, code: int, message: str):
         super().__init__(f"stopped because rank {rank} failed in a training step: {message}",
                          fix=f"rank {rank}'s error above says why and what to do")
@@ -92,8 +90,6 @@ class OtherRankFailed(HarnessError):
 class CellFailedOnOtherRank(RunFailure):
     """Raised on the ranks whose step went well when another rank's loss failed the cell (a plugin failure or a
     numeric error in its shard): the cell fails on every rank, rank 0 records the failing rank's error."""
-
-    agreed = True
 
     def __init__(self, rank: int, message: str, fix: str | None):
         super().__init__(f"{message} (on rank {rank})", fix=fix)
@@ -268,7 +264,10 @@ class Distributed:
         not, 1 the cell, 2 the run), whether its loss is non-finite]. Returns whether the loss is finite on every
         rank. When a rank failed, the ranks exchange why (all_gather_object) and every rank whose own failure is
         not the worst one raises: CellFailedOnOtherRank or OtherRankFailed with the failing rank's message; a
-        rank whose failure is the worst returns False and re-raises its own."""
+        rank whose failure is the worst returns False and re-raises its own. A failure an agreement point raised
+        (every rank already stopped there) returns False at once."""
+        if isinstance(failure, (OtherRankFailed, CellFailedOnOtherRank)):
+            return False
         mine = 0 if failure is None else 1 if cell_level else 2
         worst, non_finite = (int(v) for v in self._all_reduce([mine, int(not finite)], torch.int64,
                                                                torch_dist.ReduceOp.MAX))

@@ -343,7 +343,7 @@ class Runtime:
         """This rank's loss raised `failure` (the caller re-raises it): under DDP, join the step's next agreement
         with it, so that the other ranks stop there too instead of waiting in a collective this rank left
         (harness.distributed). `cell_level`: it fails the cell, not the run."""
-        if self.distributed is not None and not getattr(failure, "agreed", False):
+        if self.distributed is not None:
             self.distributed.agree_step(failure=failure, cell_level=cell_level)
 
     def epoch_totals(self, total: float, seen: int) -> tuple[float, int]:
