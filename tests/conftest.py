@@ -209,9 +209,12 @@ class RaisesOnRank1(CountingCrossEntropy):
     """A plugin bug on torchrun rank 1's shard alone: a KeyError at its 3rd batch (epoch 2 at 2 steps per
     epoch), before its forward through the model (a failure there fails the cell)."""
 
+    def failure(self):
+        return KeyError("no such shard")
+
     def loss(self, model, x, y):
         if self.calls == 2 and self.eps > 0 and os.environ.get("RANK") == "1":
-            raise KeyError("no such shard")
+            raise self.failure()
         return super().loss(model, x, y)
 
     def corrupt(self, loss):
@@ -221,12 +224,10 @@ class RaisesOnRank1(CountingCrossEntropy):
 class RefusesOnRank1(RaisesOnRank1):
     """The same place, but the plugin says the input is wrong (BadInput: the run ends with exit 2)."""
 
-    def loss(self, model, x, y):
-        if self.calls == 2 and self.eps > 0 and os.environ.get("RANK") == "1":
-            from harness.errors import BadInput
+    def failure(self):
+        from harness.errors import BadInput
 
-            raise BadInput("refuses-on-rank-1: this shard holds an image it cannot take", fix="use other data")
-        return super().loss(model, x, y)
+        return BadInput("refuses-on-rank-1: this shard holds an image it cannot take", fix="use other data")
 
 
 class RaisesInLoss(DefensePlugin):
@@ -346,7 +347,7 @@ def signal_at_gate(proc, gate: Path, cell_id: str, signum: int, pid=None, timeou
     return seen
 
 
-def wait_at_gate(out: Path, gate: Path, cell_id: str, alive=lambda: True, timeout: float = 900) -> dict:
+def record_at_gate(out: Path, gate: Path, cell_id: str, alive=lambda: True, timeout: float = 900) -> dict:
     """The cell's task record once its job waits at the gate (training, after its epoch-1 checkpoint)."""
     import time
 

@@ -21,7 +21,7 @@ import pytest
 from harness import status, submit
 
 from conftest import (REPO, SUBMIT_CELLS as CELLS, SUBMIT_SPEC as SPEC, assert_same_as_a_plain_run, gate_of, gated,
-                      invoke, job_env, open_gate_once_received, wait_at_gate)
+                      invoke, job_env, open_gate_once_received, record_at_gate)
 
 
 def _why_no_slurm() -> str | None:
@@ -70,11 +70,11 @@ def test_slurm_array_equals_a_plain_run_and_requeued_tasks_resume_exactly(evil_p
     assert list(jobs) == CELLS and len({j.split("_")[0] for j in jobs.values()}) == 1  # one array
     try:
         # preemption / requeue by an admin: Slurm sends SIGTERM, the task checkpoints, Slurm queues it again
-        record = wait_at_gate(out, gate, "lenet__s16")
+        record = record_at_gate(out, gate, "lenet__s16")
         subprocess.run(["scontrol", "requeue", record["job_id"]], check=True, timeout=60)
         open_gate_once_received(out, gate, record, "SIGTERM")
         # the time-limit warning (--signal=USR2@...): the task checkpoints, submitit requeues it
-        record = wait_at_gate(out, gate, "lenet__s32")
+        record = record_at_gate(out, gate, "lenet__s32")
         subprocess.run(["scancel", "--signal=USR2", record["job_id"]], check=True, timeout=60)
         open_gate_once_received(out, gate, record, "SIGUSR2")
 

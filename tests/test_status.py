@@ -14,7 +14,7 @@ import time
 
 from harness import checkpoint
 
-from conftest import REPO, SUBMIT_SPEC as SPEC, gate_of, invoke, job_env
+from conftest import REPO, SUBMIT_SPEC as SPEC, gate_of, invoke, job_env, record_at_gate
 
 FAILURE = "training loss became inf at epoch 2, step 1"
 
@@ -66,10 +66,7 @@ def test_status_of_cells_in_every_state(evil_plugins, tmp_path, monkeypatch):
     proc = subprocess.Popen([sys.executable, "-m", "harness", "submit", "spec.json", "--out", "out", "--executor",
                              "local", "--array-parallelism", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 900  # generous: a loaded machine takes minutes to start jobs
-    while not gate_of(gate, "b__s0").with_suffix(".waiting").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    record_at_gate(tmp_path / "out", gate, "b__s0", alive=lambda: proc.poll() is None)
     row = rows(invoke("status", "out").output)
     assert "running" in row["b__s0"] and "queued" in row["b__s32"], row
     assert "waiting for a local slot" in row["b__s32"]

@@ -21,7 +21,7 @@ from harness import checkpoint, submit
 from harness.errors import BadInput
 
 from conftest import (REPO, SUBMIT_CELLS, SUBMIT_SPEC, assert_same_as_a_plain_run, gate_of, gated, invoke,
-                      job_env, open_gate_once_received, wait_at_gate)
+                      job_env, open_gate_once_received, record_at_gate)
 
 SPEC, CELLS = SUBMIT_SPEC, SUBMIT_CELLS
 
@@ -43,7 +43,7 @@ def test_local_submit_equals_a_plain_run_and_signalled_tasks_requeue_and_resume_
                    cwd=tmp_path, env=env)
     signals = {"lenet__s16": signal.SIGUSR2, "lenet__s32": signal.SIGTERM}  # submitit's preemption signal; kill's
     for cell_id, sig in signals.items():
-        record = wait_at_gate(out, gate, cell_id, alive=lambda: proc.poll() is None)
+        record = record_at_gate(out, gate, cell_id, alive=lambda: proc.poll() is None)
         os.kill(record["pid"], sig)
         open_gate_once_received(out, gate, record, sig.name, alive=lambda: proc.poll() is None)
     stdout, stderr = proc.communicate(timeout=900)
